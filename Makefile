@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make demo` trains, `make test` tests. Each creates the local
+# virtual environment (.venv) on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of PyTorch this project is tested with; override for a CUDA machine, e.g.
+# `make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test bench clean-venv
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) cluster/driver.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/tower_parallel.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,149 @@
+"""The training configuration: one flat, documented, validated dataclass.
+
+A run is a named recipe (cluster/recipes.py) whose fields command-line flags override:
+`--batch-size 64` sets `batch_size`. Every field's `help` is its documentation; every check runs on
+construction, before any actor starts, and fails with one line naming the option, the value and
+what is allowed.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from cluster.mesh import Mesh
+from stages.config import ModelConfig
+
+LR_SCHEDULES = ("plateau", "milestones")
+DEMO_DATA = "demo"
+
+
+class ConfigError(ValueError):
+    """An invalid option; its message is one line that names the option and what is allowed."""
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    recipe: str = _opt("demo", "named recipe whose values the other flags override", choices=None)
+
+    # --- model (PAPER.md §Architecture)
+    variant: str = _opt("paper", "`paper` (the text) or `cuda-convnet-2012` (the authors' code)")
+    num_classes: int = _opt(1000, "classes in the softmax; the demo data has its own count")
+    image_size: int = _opt(224, "input crop side (224 in the paper)")
+    resize: int = _opt(256, "shorter side the image is rescaled to, then centre-cropped square (256)")
+    dropout: float = _opt(0.5, "dropout on fc6 and fc7 outputs; 0 turns it off")
+    lrn_impl: str = _opt("fast", "`fast` (exact, hand-written backward) or `torch` (nn.LocalResponseNorm)")
+    channels_last: bool = _opt(True, "run convolutions in channels_last memory format")
+
+    # --- mesh (cluster/mesh.py)
+    replicas: int = _opt(1, "data-parallel replicas of the two-tower network")
+    stages: int = _opt(1, "pipeline stages per tower")
+    towers: int = _opt(2, "processes holding the two towers: 2 (one each, the paper) or 1 (both in one)")
+    threads_per_worker: int = _opt(1, "torch CPU threads per actor (CPU runs)")
+
+    # --- data
+    train_data: str = _opt(DEMO_DATA, "training shards: `demo`, a brace pattern, a glob or a directory")
+    val_data: str = _opt(DEMO_DATA, "validation shards, same forms as --train-data")
+    batch_size: int = _opt(128, "images per optimizer step (per replica)")
+    microbatches: int = _opt(1, "microbatches each batch is split into; gradients accumulate")
+    epochs: int = _opt(90, "passes over the training data")
+    max_steps: int = _opt(0, "stop after this many optimizer steps in total; 0: no limit")
+
+    # --- optimisation (PAPER.md §Training)
+    lr: float = _opt(0.01, "initial learning rate ε")
+    momentum: float = _opt(0.9, "momentum of the paper's update rule")
+    weight_decay: float = _opt(0.0005, "weight decay of the paper's update rule")
+    lr_schedule: str = _opt("plateau", "`plateau`: ÷10 when validation error stalls; `milestones`: ÷10 at fixed epochs")
+    lr_milestones: tuple[int, ...] = _opt((25, 51, 79), "epochs after which ε ÷ 10 (milestones schedule)")
+    lr_patience: int = _opt(2, "epochs without validation improvement before ε ÷ 10 (plateau schedule)")
+    lr_max_drops: int = _opt(3, "most learning-rate drops (the paper made three)")
+    seed: int = _opt(0, "seed for weights, data order and augmentation")
+
+    # --- run
+    run_dir: str = _opt("runs/demo", "where checkpoints and logs go")
+    log_every: int = _opt(5, "steps between progress lines")
+    address: str = _opt("", "Ray cluster address; empty: the cluster this job runs in, else a new local one")
+    collective_timeout_s: float = _opt(300.0, "seconds a collective may wait before the run fails")
+
+    def __post_init__(self):
+        self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "batch_size",
+                             "microbatches", "epochs", "log_every", "lr_patience")
+        self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops")
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"batch_size {self.batch_size} must be divisible by microbatches "
+                              f"{self.microbatches}: allowed microbatches are divisors of the batch")
+        if self.resize < self.image_size:
+            raise ConfigError(f"resize {self.resize} must be at least image_size {self.image_size}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m <= 0 for m in self.lr_milestones):
+            raise ConfigError(f"lr_milestones must be increasing positive epochs, got {self.lr_milestones}")
+        for name in ("train_data", "val_data"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required: `demo`, or a shard pattern such as /data/train-{{000000..000146}}.tar")
+        try:
+            self.mesh, self.model_config  # each validates itself
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _check_non_negative(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def mesh(self) -> Mesh:
+        return Mesh(replicas=self.replicas, stages=self.stages, towers=self.towers)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(variant=self.variant, num_classes=self.num_classes, image_size=self.image_size,
+                           dropout=self.dropout, lrn_impl=self.lrn_impl)
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.batch_size // self.microbatches
+
+    def replace(self, **changes) -> "TrainConfig":
+        try:
+            return dataclasses.replace(self, **changes)
+        except TypeError as err:
+            raise ConfigError(str(err)) from None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per TrainConfig field, defaulting to "not given" so the recipe's value stands."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        if f.name == "recipe":
+            continue
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=f.metadata["help"])
+        elif kind is tuple:
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None,
+                                help=f"{f.metadata['help']} (recipe default: see --show-config)")
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the user set on the command line."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"recipe"}
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if "lr_milestones" in given:
+        given["lr_milestones"] = tuple(given["lr_milestones"])
+    return given

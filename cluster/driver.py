@@ -1,0 +1,130 @@
+"""Entry point: `python cluster/driver.py [--recipe demo] [--flag value ...]`.
+
+Locally it starts its own Ray (every listener on 127.0.0.1); under `ray job submit`, or with
+`--address`, it joins that cluster. It validates the whole configuration and the data before any
+actor starts, builds the actor mesh, trains, evaluates each epoch and writes a checkpoint.
+
+Exit status: 0 done, 1 the run failed (an actor's error, with its traceback), 2 invalid input.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the project's packages importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ray  # noqa: E402
+
+from cluster import localnet  # noqa: E402
+from cluster.actor_mesh import ActorMesh  # noqa: E402
+from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
+from cluster.recipes import RECIPES, build_config  # noqa: E402
+from cluster.trainer import NonFiniteLoss, train  # noqa: E402
+from data.demo import ensure_demo_dataset  # noqa: E402
+from data.loader import ShardBatches  # noqa: E402
+from data.shards import expand_shards  # noqa: E402
+
+log = logging.getLogger("cluster.driver")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cluster/driver.py",
+        description="Train the two-tower AlexNet (Krizhevsky et al., 2012) on a Ray cluster.")
+    parser.add_argument("--recipe", default="demo", help=f"named run: {', '.join(RECIPES)} (default: demo)")
+    parser.add_argument("--show-config", action="store_true", help="print the resolved configuration and exit")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """The recipe with the user's flags, paths made absolute (actors may run elsewhere)."""
+    config = build_config(args.recipe, **overrides(args))
+    changes = {"run_dir": os.path.abspath(os.path.expanduser(config.run_dir))}
+    if config.train_data == DEMO_DATA or config.val_data == DEMO_DATA:
+        demo = ensure_demo_dataset()
+        if config.num_classes != len(demo.class_names):
+            raise ConfigError(f"num_classes {config.num_classes} must be {len(demo.class_names)} "
+                              f"for the demo data ({', '.join(demo.class_names)})")
+        if config.train_data == DEMO_DATA:
+            changes["train_data"] = demo.train_pattern
+        if config.val_data == DEMO_DATA:
+            changes["val_data"] = demo.val_pattern
+    config = config.replace(**changes)
+    for name in ("train_data", "val_data"):
+        try:
+            expand_shards(getattr(config, name))
+        except ValueError as err:
+            raise ConfigError(f"{name}: {err}") from None
+    return config
+
+
+def open_data(config: TrainConfig) -> tuple[ShardBatches, ShardBatches]:
+    common = dict(seed=config.seed, resize=config.resize, crop=config.image_size)
+    train_data = ShardBatches(config.train_data, config.batch_size, train=True, **common)
+    val_data = ShardBatches(config.val_data, config.batch_size, train=False, **common)
+    return train_data, val_data
+
+
+@contextlib.contextmanager
+def ray_session(config: TrainConfig):
+    """Join the given or surrounding cluster, else start a local one bound to 127.0.0.1.
+    Yields the environment variables actors need."""
+    if ray.is_initialized():
+        yield {}
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        env = {}
+    else:
+        restore_env = localnet.apply_loopback_env()  # every listener on 127.0.0.1
+        wanted = config.mesh.world_size * config.threads_per_worker
+        ray.init(num_cpus=max(wanted, os.cpu_count() or 1), **localnet.local_ray_init_kwargs())
+        env = localnet.loopback_env()
+    try:
+        yield env
+    finally:
+        ray.shutdown()
+        if not address:
+            restore_env()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        config = resolve_config(args)
+        train_data, val_data = open_data(config)
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.show_config:
+        print(json.dumps(config.to_dict(), indent=1, default=list))
+        return 0
+    print(f"recipe {config.recipe}: {config.mesh.describe()}; run dir {config.run_dir}", flush=True)
+    with ray_session(config) as env:
+        try:
+            workers = ActorMesh(config, env)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        try:
+            result = train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True))
+        except (ray.exceptions.RayError, NonFiniteLoss) as err:
+            print(f"error: training failed: {err}", file=sys.stderr, flush=True)
+            return 1
+        finally:
+            workers.shutdown()
+    last = result.epochs[-1]
+    print(f"done: {result.steps} steps, val top-1 {100 * last.val_top1:.1f}%, top-5 {100 * last.val_top5:.1f}%, "
+          f"{result.images_per_second:.1f} img/s; checkpoint {result.checkpoint}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The actor mesh: replica × stage × tower, and every piece of rank arithmetic in the project.
+
+A rank is one process (one Ray actor). Ranks are laid out tower-fastest, so the towers of one
+(replica, stage) — the pair that exchanges activations at every cross-connection and so carries the
+heaviest traffic — are neighbours:
+
+    rank = (replica · stages + stage) · towers + tower
+
+towers = 2 gives each half-tower its own process (the paper's layout); towers = 1 puts both halves
+in one process with a local exchange (one GPU, or a pipeline benchmark on two cores).
+"""
+
+from dataclasses import dataclass
+
+SUPPORTED_REPLICAS = (1,)  # data parallelism: a later issue
+SUPPORTED_STAGES = (1,)  # pipeline parallelism: a later issue
+SUPPORTED_TOWERS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Coord:
+    replica: int
+    stage: int
+    tower: int
+
+
+@dataclass(frozen=True)
+class Mesh:
+    replicas: int = 1
+    stages: int = 1
+    towers: int = 2
+
+    def __post_init__(self):
+        for axis, value, allowed in (("replicas", self.replicas, SUPPORTED_REPLICAS),
+                                     ("stages", self.stages, SUPPORTED_STAGES),
+                                     ("towers", self.towers, SUPPORTED_TOWERS)):
+            if value not in allowed:
+                raise ValueError(
+                    f"{axis} must be one of {', '.join(map(str, allowed))}, got {value}"
+                    + (": the paper splits every layer across two towers, held by 2 processes or 1"
+                       if axis == "towers" else ": only that is supported so far"))
+
+    @property
+    def world_size(self) -> int:
+        return self.replicas * self.stages * self.towers
+
+    def describe(self) -> str:
+        return (f"{self.replicas} replica(s) × {self.stages} stage(s) × {self.towers} tower process(es)"
+                f" = {self.world_size} rank(s)")
+
+    def rank(self, coord: Coord) -> int:
+        for axis, value, size in (("replica", coord.replica, self.replicas),
+                                  ("stage", coord.stage, self.stages),
+                                  ("tower", coord.tower, self.towers)):
+            if not 0 <= value < size:
+                raise ValueError(f"{axis} {value} is outside the mesh's {size}")
+        return (coord.replica * self.stages + coord.stage) * self.towers + coord.tower
+
+    def coord(self, rank: int) -> Coord:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the mesh's {self.world_size} ranks")
+        replica_stage, tower = divmod(rank, self.towers)
+        replica, stage = divmod(replica_stage, self.stages)
+        return Coord(replica, stage, tower)
+
+    def tower_group(self, replica: int, stage: int) -> list[int]:
+        """Ranks that exchange activations with each other: the towers of one (replica, stage)."""
+        return [self.rank(Coord(replica, stage, tower)) for tower in range(self.towers)]
+
+    def tower_groups(self) -> list[list[int]]:
+        return [self.tower_group(r, s) for r in range(self.replicas) for s in range(self.stages)]

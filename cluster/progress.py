@@ -1,0 +1,54 @@
+"""Progress lines a person can read: step, epoch, loss, rate and ETA."""
+
+import time
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+    """Rate and ETA over the steps done so far in this run (the first step, which pays for warm-up,
+    is left out of the rate once there are others)."""
+
+    def __init__(self, total_steps: int, clock=time.perf_counter):
+        self.total_steps, self.clock = total_steps, clock
+        self.steps = 0
+        self.images = 0
+        self.started = clock()
+        self.warm_start: float | None = None
+        self.warm_images = 0
+
+    def update(self, images: int) -> None:
+        self.steps += 1
+        self.images += images
+        if self.steps == 1:
+            self.warm_start = self.clock()
+        else:
+            self.warm_images += images
+
+    @property
+    def images_per_second(self) -> float:
+        now = self.clock()
+        if self.warm_images and now > self.warm_start:
+            return self.warm_images / (now - self.warm_start)
+        return self.images / max(now - self.started, 1e-9)
+
+    @property
+    def seconds_per_step(self) -> float:
+        now = self.clock()
+        if self.steps > 1:
+            return (now - self.warm_start) / (self.steps - 1)
+        return (now - self.started) / max(self.steps, 1)
+
+    def eta(self) -> float:
+        return self.seconds_per_step * (self.total_steps - self.steps)
+
+    def line(self, epoch: int, epochs: int, loss: float, lr: float, extra: str = "") -> str:
+        return (f"step {self.steps}/{self.total_steps} | epoch {epoch + 1}/{epochs} | loss {loss:.4f} | "
+                f"lr {lr:.3g} | {self.images_per_second:.1f} img/s{extra} | ETA {format_duration(self.eta())}")

@@ -1,0 +1,43 @@
+"""Named runs. A recipe is a function returning a TrainConfig; command-line flags override fields."""
+
+from cluster.config import ConfigError, TrainConfig
+
+
+def alexnet_2012() -> TrainConfig:
+    """ImageNet with every hyperparameter of the paper (PAPER.md §Training): batch 128, SGD with
+    momentum 0.9 and weight decay 0.0005 in the paper's rule, ε = 0.01 divided by 10 on validation
+    plateau at most three times, about 90 epochs, dropout 0.5, 224×224 crops of 256×256 images.
+    The shards come from `python -m data.convert` (a later issue): pass --train-data/--val-data."""
+    return TrainConfig(
+        recipe="alexnet_2012",
+        num_classes=1000, image_size=224, resize=256, dropout=0.5,
+        batch_size=128, epochs=90, lr=0.01, momentum=0.9, weight_decay=0.0005,
+        lr_schedule="plateau", lr_patience=2, lr_max_drops=3,
+        train_data="imagenet/train-{000000..001023}.tar", val_data="imagenet/val-{000000..000049}.tar",
+        run_dir="runs/alexnet_2012", log_every=20,
+    )
+
+
+def demo() -> TrainConfig:
+    """The embedded demo data (data/demo.py: ten classes cut from photographs shipped with
+    scikit-image) on a 2-core CPU in under ten minutes. The paper's eight layers, widths, LRN,
+    pooling, dropout, init and update rule are kept; the input is 128×128 crops of 146×146
+    images (so the maps are 31/15/7/3 instead of 55/27/13/6 and fc6 reads 2·128·3·3 = 2304 values),
+    batches are 32 (with the paper's init the network sits at chance for its first ~100 updates;
+    smaller batches get there sooner), 20 epochs, ε = 0.01 divided by 10 after epoch 16."""
+    return TrainConfig(
+        recipe="demo",
+        num_classes=10, image_size=128, resize=146, dropout=0.5,
+        batch_size=32, epochs=20, lr=0.01, momentum=0.9, weight_decay=0.0005,
+        lr_schedule="milestones", lr_milestones=(16,), lr_patience=2,
+        train_data="demo", val_data="demo", run_dir="runs/demo", log_every=10,
+    )
+
+
+RECIPES = {"alexnet_2012": alexnet_2012, "demo": demo}
+
+
+def build_config(recipe: str, **overrides) -> TrainConfig:
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    return RECIPES[recipe]().replace(**overrides)

@@ -1,0 +1,122 @@
+"""The training loop: `train()` owns epochs, evaluation, the learning-rate schedule and the final
+checkpoint; each step is one `train_step` on every actor (which owns microbatches and the
+optimizer step)."""
+
+import dataclasses
+import logging
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterator
+
+from cluster import checkpoint
+from cluster.config import TrainConfig
+from cluster.progress import Progress, format_duration
+from data.loader import ShardBatches
+from stages.optim import MilestoneSchedule, PlateauSchedule
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def make_schedule(config: TrainConfig):
+    if config.lr_schedule == "milestones":
+        return MilestoneSchedule(config.lr, milestones=config.lr_milestones)
+    return PlateauSchedule(config.lr, patience=config.lr_patience, max_drops=config.lr_max_drops)
+
+
+def prefetched(batches: Iterator, put, depth: int = 2) -> Iterator:
+    """Decode the next batches on a thread and place them in the object store while actors compute."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce():
+        try:
+            for images, labels in batches:
+                slots.put((put(images), put(labels)))
+            slots.put(done)
+        except BaseException as err:  # re-raised in the consumer
+            slots.put(err)
+
+    threading.Thread(target=produce, daemon=True, name="prefetch").start()
+    while (item := slots.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+@dataclasses.dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_top1: float
+    val_top5: float
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    epochs: list[EpochResult]
+    checkpoint: str
+    images_per_second: float
+
+
+def evaluate(workers, loader: ShardBatches) -> tuple[float, float, float]:
+    """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crops)."""
+    totals = {"loss_sum": 0.0, "top1": 0, "top5": 0, "images": 0}
+    for images, labels in prefetched(loader.epoch_batches(0), workers.put):
+        result = workers.call("evaluate", images, labels)[0]  # every tower computes the same
+        for key in totals:
+            totals[key] += result[key]
+    n = max(totals["images"], 1)
+    return totals["loss_sum"] / n, totals["top1"] / n, totals["top5"] / n
+
+
+def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: ShardBatches,
+          print_fn=print) -> TrainResult:
+    schedule = make_schedule(config)
+    lr = schedule.lr
+    steps_per_epoch = train_data.batches_per_epoch
+    total = config.epochs * steps_per_epoch
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    progress = Progress(total)
+    epochs: list[EpochResult] = []
+    epoch = 0
+    print_fn(f"training {total} steps ({config.epochs} epochs × {steps_per_epoch}) of "
+             f"{config.batch_size} images in {config.microbatches} microbatch(es) on {config.mesh.describe()}")
+    for epoch in range(config.epochs):
+        loss_sum, steps_this_epoch = 0.0, 0
+        for images, labels in prefetched(train_data.epoch_batches(epoch), workers.put):
+            results = workers.call("train_step", images, labels, lr)
+            loss = results[0]["loss"]
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss} at step {progress.steps + 1}: lower --lr or check the data")
+            progress.update(results[0]["images"])
+            loss_sum, steps_this_epoch = loss_sum + loss, steps_this_epoch + 1
+            if progress.steps % config.log_every == 0 or progress.steps == total:
+                comm = max(r["exchange_seconds"] / max(r["seconds"], 1e-9) for r in results)
+                extra = f" | exchange {100 * comm:.0f}%" if config.mesh.towers > 1 else ""
+                print_fn(progress.line(epoch, config.epochs, loss, lr, extra))
+            if progress.steps >= total:
+                break
+        val_loss, top1, top5 = evaluate(workers, val_data)
+        epochs.append(EpochResult(epoch, loss_sum / max(steps_this_epoch, 1), val_loss, top1, top5))
+        print_fn(f"epoch {epoch + 1}/{config.epochs}: train loss {epochs[-1].train_loss:.4f} | "
+                 f"val loss {val_loss:.4f} | val top-1 {100 * top1:.1f}% | val top-5 {100 * top5:.1f}% "
+                 f"| elapsed {format_duration(progress.clock() - progress.started)}")
+        lr = schedule.end_epoch(epoch, 1.0 - top1)
+        if progress.steps >= total:
+            break
+    directory = checkpoint.checkpoint_dir(config.run_dir, progress.steps)
+    os.makedirs(directory, exist_ok=True)
+    shards = workers.call("save", directory)
+    checkpoint.write_manifest(directory, step=progress.steps, epoch=epoch, config=config.to_dict(),
+                              mesh=dataclasses.asdict(config.mesh), shard_paths=shards)
+    print_fn(f"checkpoint: {os.path.abspath(directory)}")
+    return TrainResult(progress.steps, epochs, directory, progress.images_per_second)

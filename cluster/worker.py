@@ -1,0 +1,178 @@
+"""`TowerWorker`: the process that owns one (replica, stage, tower) of the mesh.
+
+With towers = 2 it holds one `HalfTower` and exchanges activations with its partner through
+torch.distributed (NCCL on GPU, gloo on CPU); with towers = 1 it holds the whole
+`TwoTowerAlexNet` and exchanges locally. The driver wraps this class as a Ray actor; nothing here
+imports Ray, so tests can also drive it in-process.
+"""
+
+import os
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from cluster import localnet
+from cluster.config import TrainConfig
+from cluster.exchange import ExchangeStats, TowerExchange
+from data.transforms import normalize_batch
+from stages.loss import local_exchange, sharded_cross_entropy, sharded_topk_correct, tower_loss
+from stages.optim import PaperSGD, set_lr
+from stages.reference import TwoTowerAlexNet
+from stages.tower import HalfTower
+
+CHECKPOINT_MODEL = "model"
+CHECKPOINT_OPTIMIZER = "optimizer"
+CHECKPOINT_COORD = "coord"
+
+
+class TowerWorker:
+    def __init__(self, config: TrainConfig, rank: int):
+        self.config, self.mesh, self.rank = config, config.mesh, rank
+        self.coord = self.mesh.coord(rank)
+        torch.set_num_threads(config.threads_per_worker)
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        model_cfg = config.model_config
+        torch.manual_seed(config.seed * 7919 + rank)  # dropout masks differ per rank
+        if self.mesh.towers == 2:
+            self.model = HalfTower(model_cfg, self.coord.tower, seed=config.seed)
+            self.class_offset = model_cfg.class_offsets[self.coord.tower]
+            self.reference_prefix = f"towers.{self.coord.tower}."
+        else:
+            self.model = TwoTowerAlexNet(model_cfg, seed=config.seed)
+            self.class_offset, self.reference_prefix = 0, ""
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.optimizer = PaperSGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
+                                  weight_decay=config.weight_decay)
+        self.exchange = local_exchange
+        self.exchange_stats = ExchangeStats()
+
+    # --- process groups, set up like Ray Train's torch backend
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's answer to "where do we meet": this node's address and a free port on it."""
+        import ray  # only to ask for this node's address; the rest of this class runs without Ray
+
+        host = ray.util.get_node_ip_address()
+        return host, localnet.free_port(host)
+
+    def init_distributed(self, host: str, port: int) -> str:
+        """Join the world's process group, then build each tower group (every rank takes part in
+        creating every group, in the same order). Returns the backend used."""
+        if self.mesh.world_size == 1:
+            return "none"
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=self.config.collective_timeout_s)
+        store = localnet.make_store(host, port, self.mesh.world_size, self.rank, timeout)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.mesh.world_size,
+                                timeout=timeout)
+        for ranks in self.mesh.tower_groups():
+            group = dist.new_group(ranks, timeout=timeout)
+            if self.rank in ranks and self.mesh.towers > 1:
+                self.exchange = TowerExchange(group, self.mesh.towers)
+                self.exchange_stats = self.exchange.stats
+        return backend
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # --- one step
+
+    def _logits(self, images: Tensor) -> Tensor:
+        """uint8 (b, 3, h, w) -> this process's share of the logits, (b, classes held here)."""
+        x = normalize_batch(images.to(self.device, non_blocking=True), memory_format=self.memory_format)
+        if self.mesh.towers == 2:
+            return self.model(x, self.exchange)
+        return self.model(x)
+
+    def _accumulate_gradients(self, images: Tensor, labels: Tensor) -> tuple[float, Tensor | None]:
+        """Forward and backward over the batch's microbatches; returns the batch's mean loss and,
+        with one microbatch, this process's logits (for tests)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._check_labels(labels)
+        labels = labels.to(self.device)
+        total, batch, logits = 0.0, images.shape[0], None
+        for mb_images, mb_labels in zip(images.split(self.config.microbatch_size),
+                                        labels.split(self.config.microbatch_size)):
+            logits = self._logits(mb_images)
+            loss = sharded_cross_entropy(logits, mb_labels, self.class_offset, self.exchange)
+            weight = mb_images.shape[0] / batch  # the batch loss is the size-weighted mean
+            (tower_loss(loss, self.mesh.towers) * weight).backward()
+            total += loss.item() * weight
+        return total, (logits.detach() if self.config.microbatches == 1 else None)
+
+    def _check_labels(self, labels: Tensor) -> None:
+        classes = self.config.num_classes
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise ValueError(f"labels must be in [0, {classes}) for num_classes {classes}, got "
+                             f"[{int(labels.min())}, {int(labels.max())}]: does --num-classes match the data?")
+
+    def train_step(self, images: Tensor, labels: Tensor, lr: float) -> dict:
+        """One optimizer step on one batch; returns what the driver logs."""
+        start = time.perf_counter()
+        self.model.train()
+        self.exchange_stats.reset()
+        set_lr(self.optimizer, lr)
+        loss, _ = self._accumulate_gradients(images, labels)
+        self.optimizer.step()
+        return {"loss": loss, "images": images.shape[0], "seconds": time.perf_counter() - start,
+                "exchange_seconds": self.exchange_stats.seconds,
+                "exchange_bytes": self.exchange_stats.bytes_sent}
+
+    @torch.no_grad()
+    def evaluate(self, images: Tensor, labels: Tensor) -> dict:
+        """Loss sum and top-1/top-5 hits over one validation batch (every tower gets the same)."""
+        self.model.eval()
+        self._check_labels(labels)
+        labels = labels.to(self.device)
+        logits = self._logits(images)
+        loss = sharded_cross_entropy(logits, labels, self.class_offset, self.exchange)
+        top1, top5 = sharded_topk_correct(logits, labels, self.class_offset, self.exchange, (1, 5))
+        return {"loss_sum": loss.item() * labels.shape[0], "top1": top1, "top5": top5,
+                "images": labels.shape[0]}
+
+    # --- inspection (tests) and checkpoints
+
+    def probe(self, images: Tensor, labels: Tensor) -> dict:
+        """Loss, this process's logits and gradients for one batch, without an optimizer step,
+        named as in the reference network (`towers.{t}.layers...`)."""
+        self.model.train()
+        loss, logits = self._accumulate_gradients(images, labels)
+        grads = {self.reference_prefix + name: p.grad.detach().cpu().clone()
+                 for name, p in self.model.named_parameters()}
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "logits": None if logits is None else logits.cpu(), "grads": grads}
+
+    def named_parameters(self) -> dict[str, Tensor]:
+        return {self.reference_prefix + name: p.detach().cpu().clone()
+                for name, p in self.model.named_parameters()}
+
+    def load_parameters(self, params: dict[str, Tensor]) -> None:
+        """Load reference-named weights (the ones this process holds) — e.g. from a reference net."""
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(params[self.reference_prefix + name])
+
+    def save(self, directory: str) -> str:
+        """Write this rank's shard of a checkpoint; atomic (temp file, fsync, rename)."""
+        path = os.path.join(directory, f"rank{self.rank:05d}.pt")
+        state = {CHECKPOINT_MODEL: {k: v.cpu() for k, v in self.model.state_dict().items()},
+                 CHECKPOINT_OPTIMIZER: self.optimizer.state_dict(),
+                 CHECKPOINT_COORD: [self.coord.replica, self.coord.stage, self.coord.tower]}
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def load(self, directory: str) -> None:
+        state = torch.load(os.path.join(directory, f"rank{self.rank:05d}.pt"), weights_only=True,
+                           map_location=self.device)
+        self.model.load_state_dict(state[CHECKPOINT_MODEL])
+        self.optimizer.load_state_dict(state[CHECKPOINT_OPTIMIZER])

@@ -1,0 +1,9 @@
+"""Data: shards on disk, the embedded demo dataset, the paper's transforms, a batch iterator.
+
+- ``data.shards``: write, name and read WebDataset tar shards of ``(key, jpg, cls)``.
+- ``data.demo``: a ten-class demo dataset made from scikit-image's bundled photos.
+- ``data.transforms``: decoding, the paper's train/eval crops, mean subtraction.
+- ``data.loader``: ``ShardBatches``, deterministic ``(images, labels)`` batches per epoch.
+
+Imports only torch, webdataset, PIL, simplejpeg, numpy, skimage and the standard library.
+"""

@@ -1,0 +1,304 @@
+"""WebDataset tar shards: write them atomically, name them by pattern, read them back safely.
+
+A shard is a plain (uncompressed) tar file in the WebDataset layout: the members of one sample
+share a key and differ by extension, here ``{key}.jpg`` (encoded image bytes) and ``{key}.cls``
+(the class index as ASCII decimal). Shards are named ``{prefix}-{000000..}.tar``.
+
+Reading never crashes on bad data and never yields a wrong label: a sample whose tar members are
+corrupt, that lacks ``jpg`` or ``cls``, whose ``cls`` is not a non-negative integer, or whose
+image bytes are not a recognisable image is skipped, logged and counted in a :class:`ReadStats`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import io
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+
+import simplejpeg
+import webdataset
+from PIL import Image
+
+__all__ = ["ReadStats", "expand_shards", "looks_like_image", "read_samples", "write_shards"]
+
+log = logging.getLogger(__name__)
+
+_JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker and the first byte of the next marker
+_JPEG_EOI = b"\xff\xd9"  # end-of-image marker
+_EOI_SEARCH_BYTES = 4096  # tolerate a little padding after EOI, as some encoders leave
+_IMAGE_SUFFIXES = ("jpg", "jpeg")  # accepted names of the image member
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_shards(
+    samples: Iterable[tuple[str, bytes, int]],
+    out_dir: str,
+    prefix: str,
+    samples_per_shard: int,
+) -> list[str]:
+    """Write ``(key, jpg, cls)`` samples into ``{out_dir}/{prefix}-{000000..}.tar``.
+
+    Each shard is written under a hidden temporary name and renamed into place once complete,
+    so a crash never leaves a half-written shard under a final name. Member times are fixed
+    (mtime 0), so the same samples always give byte-identical shards.
+
+    Args:
+        samples: ``(key, jpg, cls)`` triples; ``key`` must be unique, non-empty and contain no
+            ``.`` (WebDataset splits the key from the extension at the first dot) nor ``/``.
+        out_dir: Directory for the shards; created if missing.
+        prefix: Shard name prefix, e.g. ``"train"``.
+        samples_per_shard: Samples per shard (the last shard may hold fewer).
+
+    Returns:
+        The written shard paths, in order. Empty when ``samples`` is empty.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths: list[str] = []
+    batch: list[tuple[str, bytes, int]] = []
+    for sample in samples:
+        batch.append(_checked_sample(sample))
+        if len(batch) == samples_per_shard:
+            paths.append(_write_one_shard(batch, out_dir, f"{prefix}-{len(paths):06d}.tar"))
+            batch = []
+    if batch:
+        paths.append(_write_one_shard(batch, out_dir, f"{prefix}-{len(paths):06d}.tar"))
+    return paths
+
+
+def _checked_sample(sample: tuple[str, bytes, int]) -> tuple[str, bytes, int]:
+    """Validate one ``(key, jpg, cls)`` triple before it is written."""
+    key, jpg, cls = sample
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+    if not isinstance(jpg, (bytes, bytearray, memoryview)):
+        raise ValueError(f"sample {key!r}: jpg must be bytes, got {type(jpg).__name__}")
+    if isinstance(cls, bool) or not isinstance(cls, int) or cls < 0:
+        raise ValueError(f"sample {key!r}: cls must be an int >= 0, got {cls!r}")
+    return key, bytes(jpg), cls
+
+
+def _write_one_shard(batch: list[tuple[str, bytes, int]], out_dir: str, name: str) -> str:
+    """Write ``batch`` to ``out_dir/.name.tmp-<pid>``, then rename it to ``out_dir/name``."""
+    final = os.path.join(out_dir, name)
+    tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as stream:
+            with webdataset.TarWriter(stream, encoder=False, mtime=0) as writer:
+                for key, jpg, cls in batch:
+                    writer.write({"__key__": key, "jpg": jpg, "cls": str(cls).encode("ascii")})
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return final
+
+
+# ---------------------------------------------------------------- naming
+
+_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand a shard pattern into the sorted list of existing, readable shard files.
+
+    ``pattern`` is one of, or a comma-separated list of:
+
+    - a brace range ``/x/train-{000000..000003}.tar`` (the width of the first bound sets the
+      zero padding) or a brace list ``/x/{train,val}-000000.tar``; every name must exist;
+    - a glob ``/x/train-*.tar``;
+    - a directory (all ``*.tar`` files directly inside it);
+    - a file path.
+
+    Raises:
+        ValueError: one line naming the pattern, when nothing matches or a file is missing or
+            not readable.
+    """
+    parts = [p.strip() for p in _split_top_level_commas(pattern) if p.strip()]
+    if not parts:
+        raise ValueError(f"shard pattern {pattern!r} is empty")
+    found: set[str] = set()
+    for part in parts:
+        part = os.path.expanduser(part)
+        if "{" in part:
+            names = _expand_braces(part, pattern)
+        elif glob.has_magic(part):
+            names = glob.glob(part)
+        elif os.path.isdir(part):
+            names = glob.glob(os.path.join(glob.escape(part), "*.tar"))
+        else:
+            names = [part]
+        for name in names:
+            if not os.path.isfile(name) or not os.access(name, os.R_OK):
+                raise ValueError(f"shard pattern {pattern!r}: {name!r} is not a readable file")
+        found.update(names)
+    if not found:
+        raise ValueError(f"shard pattern {pattern!r} matches no files")
+    return sorted(found)
+
+
+def _split_top_level_commas(text: str) -> list[str]:
+    """Split on commas that are not inside ``{...}`` (those belong to brace lists)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def _expand_braces(text: str, pattern: str) -> list[str]:
+    """Expand the first ``{a..b}`` or ``{x,y}`` group in ``text``, recursively."""
+    open_at = text.find("{")
+    if open_at < 0:
+        return [text]
+    close_at = text.find("}", open_at)
+    if close_at < 0:
+        raise ValueError(f"shard pattern {pattern!r} has an unclosed '{{'")
+    head, body, tail = text[:open_at], text[open_at + 1 : close_at], text[close_at + 1 :]
+    match = _BRACE_RANGE.fullmatch("{" + body + "}")
+    if match:
+        lo, hi = match.group(1), match.group(2)
+        if int(hi) < int(lo):
+            raise ValueError(f"shard pattern {pattern!r} has an empty range {{{body}}}")
+        choices = [f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [name for c in choices for name in _expand_braces(head + c + tail, pattern)]
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """Counts kept by :func:`read_samples`; pass one in to learn what was skipped."""
+
+    samples: int = 0  # samples yielded
+    skipped: int = 0  # samples dropped, plus one per shard whose rest could not be read
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def skip(self, reason: str, key: str, path: str) -> None:
+        """Count and log one skipped sample."""
+        self.skipped += 1
+        self.reasons[reason] += 1
+        log.warning("skipped sample %r in %s: %s", key, path, reason)
+
+
+def read_samples(
+    paths: Iterable[str], stats: ReadStats | None = None
+) -> Iterator[tuple[str, bytes, int]]:
+    """Yield ``(key, jpg, cls)`` from the shards in ``paths``, in shard and member order.
+
+    Bad samples are skipped, logged and counted in ``stats`` (see the module docstring). A shard
+    that cannot be opened, or whose tar structure breaks part-way, loses the sample being read
+    and everything after it in that shard; reading goes on with the next shard.
+
+    Image bytes get a cheap structural check (:func:`looks_like_image`), not a full decode.
+    """
+    stats = stats if stats is not None else ReadStats()
+    for path in paths:
+        yield from _read_one_shard(path, stats)
+
+
+def _read_one_shard(path: str, stats: ReadStats) -> Iterator[tuple[str, bytes, int]]:
+    """Group consecutive members by key and yield the complete, valid samples of one shard."""
+    key, members = None, {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                member_key, suffix = _split_member_name(info.name)
+                if member_key != key:
+                    if key is not None:
+                        sample = _complete_sample(key, members, path, stats)
+                        if sample is not None:
+                            yield sample
+                    key, members = member_key, {}
+                members[suffix] = tar.extractfile(info).read()  # type: ignore[union-attr]
+            end_offset = tar.offset
+        if key is not None:
+            sample = _complete_sample(key, members, path, stats)
+            if sample is not None:
+                yield sample
+        if not _only_zeros_after(path, end_offset):
+            # tarfile stops quietly at a bad header past the first one: the rest is lost.
+            stats.skip("tar broken part-way; rest of shard unreadable", "*", path)
+    except (tarfile.TarError, OSError, EOFError) as err:
+        stats.skip(f"corrupt tar ({err}); rest of shard unreadable", key or "*", path)
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/abc.cls"`` → ``("dir/abc", "cls")``: the key ends at the basename's first dot."""
+    directory, base = os.path.split(name)
+    stem, _, suffix = base.partition(".")
+    return os.path.join(directory, stem) if directory else stem, suffix.lower()
+
+
+def _complete_sample(
+    key: str, members: dict[str, bytes], path: str, stats: ReadStats
+) -> tuple[str, bytes, int] | None:
+    """Return the sample if it has a recognisable image and a valid label, else count a skip."""
+    jpg = next((members[s] for s in _IMAGE_SUFFIXES if s in members), None)
+    if jpg is None:
+        stats.skip("missing jpg", key, path)
+        return None
+    if "cls" not in members:
+        stats.skip("missing cls", key, path)
+        return None
+    text = members["cls"].strip()
+    if not text.isdigit():
+        stats.skip(f"cls {members['cls'][:20]!r} is not an integer >= 0", key, path)
+        return None
+    if not looks_like_image(jpg):
+        stats.skip("jpg is not a recognisable, complete image", key, path)
+        return None
+    stats.samples += 1
+    return key, jpg, int(text)
+
+
+def looks_like_image(data: bytes) -> bool:
+    """Cheap check that ``data`` is a whole image: a JPEG with a parsable header and an
+    end-of-image marker near its end, or another format PIL can identify and verify."""
+    if data.startswith(_JPEG_SOI):
+        if data.rfind(_JPEG_EOI, max(0, len(data) - _EOI_SEARCH_BYTES)) < 0:
+            return False  # truncated
+        try:
+            simplejpeg.decode_jpeg_header(data)
+            return True
+        except ValueError:
+            pass  # e.g. an unusual JPEG that libjpeg-turbo's header parser rejects; ask PIL
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        return True
+    except Exception:  # PIL raises many types for bad data
+        return False
+
+
+def _only_zeros_after(path: str, offset: int) -> bool:
+    """Whether the file holds nothing but zero padding from ``offset`` on."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True

@@ -1,0 +1,139 @@
+"""The paper's image transforms (PAPER.md §Data), kept in uint8 until the last moment.
+
+Both transforms first make the paper's 256×256 image: rescale the shorter side to ``resize`` and
+centre-crop ``resize``×``resize``. This is done in one step: the central square of the source
+(integer offsets) is resized to ``resize``×``resize`` with PIL's bilinear filter, which
+antialiases when shrinking. Training then takes a random ``crop``×``crop`` patch and flips it
+half the time; evaluation takes the centre patch. :func:`normalize_batch` subtracts the mean
+RGB at the end, on a whole batch, wherever the batch lives.
+
+PCA colour noise (the paper's third augmentation) is not applied here.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+
+__all__ = ["MEAN_RGB", "EvalTransform", "TrainTransform", "decode_rgb", "normalize_batch"]
+
+MEAN_RGB: tuple[float, float, float] = (127.30, 119.72, 104.91)  # on 0–255 RGB (PAPER.md §Data)
+
+_JPEG_SOI = b"\xff\xd8"
+_TURBO_RGB_SOURCES = ("YCbCr", "Gray", "RGB")  # colour spaces libjpeg-turbo maps to RGB exactly
+
+
+def decode_rgb(jpg: bytes) -> np.ndarray:
+    """Decode image bytes to an ``(H, W, 3)`` uint8 RGB array.
+
+    JPEGs in YCbCr/grey/RGB go through simplejpeg (libjpeg-turbo); anything else (CMYK/YCCK
+    JPEGs, PNGs or other formats behind a ``.jpg`` name) goes through PIL and is converted to
+    RGB. Raises ``ValueError`` if neither can decode it.
+    """
+    if jpg[:2] == _JPEG_SOI:
+        try:
+            _, _, colorspace, _ = simplejpeg.decode_jpeg_header(jpg)
+            if colorspace in _TURBO_RGB_SOURCES:
+                return simplejpeg.decode_jpeg(jpg, colorspace="RGB")  # (H, W, 3)
+        except ValueError:
+            pass  # let PIL try: it is more lenient with unusual files
+    try:
+        with Image.open(io.BytesIO(jpg)) as image:
+            return np.asarray(image.convert("RGB"))  # (H, W, 3)
+    except Exception as err:  # PIL raises many types for bad data
+        raise ValueError(f"cannot decode image ({len(jpg)} bytes): {err}") from err
+
+
+def _square(image: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side → ``size``, centre crop ``size``×``size``: (H, W, 3) → (size, size, 3)."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top : top + side, left : left + side]  # (side, side, 3)
+    if side == size:
+        return square
+    resized = Image.fromarray(np.ascontiguousarray(square)).resize((size, size), Image.BILINEAR)
+    return np.asarray(resized)  # (size, size, 3)
+
+
+def _to_chw(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array → contiguous (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class TrainTransform:
+    """Training view: 256 square, random ``crop`` patch, random horizontal flip.
+
+    Every random choice comes from the ``rng`` passed in, drawn in a fixed order (top, left,
+    flip), so the same generator state gives the same view.
+    """
+
+    def __init__(self, resize: int = 256, crop: int = 224) -> None:
+        if not 0 < crop <= resize:
+            raise ValueError(f"crop must be in 1..resize={resize}, got {crop}")
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor."""
+        square = _square(image, self.resize)  # (resize, resize, 3)
+        span = self.resize - self.crop + 1
+        top, left = int(rng.integers(span)), int(rng.integers(span))
+        patch = square[top : top + self.crop, left : left + self.crop]  # (crop, crop, 3)
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        return _to_chw(patch)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(resize={self.resize}, crop={self.crop})"
+
+
+class EvalTransform:
+    """Evaluation view: 256 square, centre ``crop`` patch. Deterministic."""
+
+    def __init__(self, resize: int = 256, crop: int = 224) -> None:
+        if not 0 < crop <= resize:
+            raise ValueError(f"crop must be in 1..resize={resize}, got {crop}")
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor."""
+        square = _square(image, self.resize)  # (resize, resize, 3)
+        offset = (self.resize - self.crop) // 2
+        return _to_chw(square[offset : offset + self.crop, offset : offset + self.crop])
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(resize={self.resize}, crop={self.crop})"
+
+
+def normalize_batch(
+    images: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """Subtract :data:`MEAN_RGB`: (B, 3, H, W) uint8 → (B, 3, H, W) float32 on the same device.
+
+    The paper only subtracts the mean: there is no division by a standard deviation or by 255.
+    Writes into ``out`` when given (same shape, float32, same device; its memory format is
+    kept), else allocates with ``memory_format`` (e.g. ``torch.channels_last``).
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"images must be a (B, 3, H, W) uint8 tensor, got {images.dtype} {tuple(images.shape)}"
+        )
+    if out is None:
+        out = torch.empty(
+            images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format
+        )
+    elif out.dtype != torch.float32 or out.shape != images.shape or out.device != images.device:
+        raise ValueError(
+            f"out must be float32 {tuple(images.shape)} on {images.device}, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    mean = torch.tensor(MEAN_RGB, dtype=torch.float32).view(1, 3, 1, 1)
+    out.copy_(images)
+    return out.sub_(mean.to(images.device, non_blocking=True))

@@ -1,0 +1,128 @@
+"""Test helpers for a real `ray start --head` on 127.0.0.1 that a test starts and stops itself.
+
+`ray stop` would end every Ray process on the machine; these helpers signal only the process group
+(and descendants) of the head the test started, in the order `ray stop` uses.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cluster import localnet
+
+REPO = Path(__file__).resolve().parents[1]
+RAY_CLI = Path(sys.executable).with_name("ray")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pids):
+    return [p for p in pids if p in localnet._proc_table()]
+
+
+def stop_session(pgid: int, grace: float = 5.0) -> None:
+    """Stop one Ray session: its process group plus descendants, in the order
+    `ray stop` uses (raylet, then the rest, then gcs_server), SIGTERM with a
+    SIGKILL fallback.  Touches nothing outside that group/tree."""
+    for pick in (
+        lambda c: c == "raylet",
+        lambda c: c not in ("raylet", "gcs_server"),
+        lambda c: c == "gcs_server",
+    ):
+        pids = [p for p in localnet.process_tree(pgids=[pgid]) if pick(_comm(p))]
+        pids = [p for p in pids if p != os.getpid()]
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while _alive(pids) and time.time() < deadline:
+            time.sleep(0.1)
+        for p in _alive(pids):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.time() + 5
+    while localnet.process_tree(pgids=[pgid]) - {os.getpid()} and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def head_env(workdir: Path) -> dict:
+    """Environment for `ray start`, `ray job submit` and drivers of a test's own head: a private
+    auth token, free metrics ports, the project importable and this venv first on PATH (a job's
+    `python` is whatever `ray start` found on PATH)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(localnet.token_auth_env(str(workdir / "token")))
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Fixed default ports (44217/44227) would clash with another Ray here.
+    env["AUTOSCALER_METRIC_PORT"] = str(localnet.free_port())
+    env["DASHBOARD_METRIC_PORT"] = str(localnet.free_port())
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+class Head:
+    """A running `ray start --head` of one test: its environment, process group and addresses."""
+
+    def __init__(self, env: dict, pgid: int, gcs_port: int, dashboard_port: int, other_ports: tuple[int, ...]):
+        self.env, self.pgid = env, pgid
+        self.gcs_port, self.dashboard_port, self.other_ports = gcs_port, dashboard_port, other_ports
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://{localnet.LOOPBACK}:{self.dashboard_port}"
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.gcs_port, self.dashboard_port, *self.other_ports)
+
+
+@contextlib.contextmanager
+def own_head(workdir: Path, num_cpus: int = 2):
+    """Start a head on 127.0.0.1 in its own process group; stop exactly that head afterwards."""
+    gcs, dashboard, agent, client = (localnet.free_port() for _ in range(4))
+    env = head_env(workdir)
+    env.update(localnet.loopback_env())
+    args = localnet.ray_start_head_args(port=gcs, dashboard_port=dashboard,
+                                        dashboard_agent_listen_port=agent, ray_client_server_port=client)
+    log = workdir / "start.log"
+    with open(log, "w") as out:
+        head = subprocess.Popen(
+            [str(RAY_CLI), "start", *args, f"--num-cpus={num_cpus}", f"--temp-dir={workdir}"],
+            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:  # every head process stays in this process group after `ray start` exits
+        head.wait(timeout=90)
+        if head.returncode != 0:
+            raise RuntimeError(f"ray start failed ({head.returncode}):\n{log.read_text()[-4000:]}")
+        yield Head(env, head.pid, gcs, dashboard, (agent, client))
+    finally:
+        if head.poll() is None:
+            head.kill()
+            head.wait()
+        stop_session(head.pid)
+
+
+@contextlib.contextmanager
+def short_tmpdir(prefix: str):
+    """A temp dir with a short path: Ray's unix sockets live under it (108-byte limit)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

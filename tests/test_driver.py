@@ -1,0 +1,126 @@
+"""The driver end to end: bad input fails before any actor with one clear line; a run trains,
+evaluates and checkpoints; an actor's exception reaches the user with its traceback; every
+listener of a local run is on 127.0.0.1; nothing is left running."""
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+
+from cluster import checkpoint, localnet
+from cluster.driver import main
+from raytools import REPO, short_tmpdir
+
+DRIVER = [sys.executable, str(REPO / "cluster" / "driver.py")]
+
+
+def tiny_run_args(demo, run_dir, *extra) -> list[str]:
+    # 72×72 images cropped to 64×64 (maps 15/7/3/1), 8-image batches: seconds per run.
+    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
+            "--image-size", "64", "--resize", "72", "--batch-size", "8", "--epochs", "1",
+            "--run-dir", str(run_dir), "--log-every", "2", *extra]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "100", "--microbatches", "3"],
+     "batch_size 100 must be divisible by microbatches 3: allowed microbatches are divisors of the batch"),
+    (["--recipe", "resnet"], "recipe must be one of alexnet_2012, demo, got 'resnet'"),
+    (["--towers", "3"], "towers must be one of 1, 2, got 3"),
+    (["--replicas", "2"], "replicas must be one of 1, got 2"),
+    (["--variant", "alexnet-v2"], "variant must be one of paper, cuda-convnet-2012, got 'alexnet-v2'"),
+    (["--lr-schedule", "cosine"], "lr_schedule must be one of plateau, milestones, got 'cosine'"),
+    (["--train-data", "/nonexistent/train-{000000..000003}.tar"], "train_data: "),
+])
+def test_invalid_config_fails_before_any_actor_with_one_line(args, message, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    defaults = {"--train-data": str(empty / "x.tar"), "--val-data": str(empty)}
+    for flag, value in defaults.items():
+        if flag not in args:
+            args = args + [flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1, err
+    assert not ray.is_initialized()
+
+
+def test_unreadable_shard_pattern_names_the_option(tmp_path, capsys):
+    empty = tmp_path / "no-shards-here"
+    empty.mkdir()
+    assert main(["--train-data", str(empty), "--val-data", str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train_data: ") and str(empty) in err and len(err.splitlines()) == 1
+
+
+def assert_nothing_left(pgid: int, grace_s: float = 15.0) -> None:
+    """Every process of the driver's session has exited (Ray's own take a moment after the driver)."""
+    deadline = time.monotonic() + grace_s
+    while (left := localnet.process_tree(pgids=[pgid])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left behind: {sorted(left)}"
+
+
+def _listeners_while_running(proc: subprocess.Popen) -> set:
+    """Poll the listening sockets of the driver's whole process tree until it exits."""
+    seen = set()
+    while proc.poll() is None:
+        tree = localnet.process_tree(roots=[proc.pid], pgids=[proc.pid])
+        seen.update((l.process, l.addr, l.port) for l in localnet.listening_sockets(tree))
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.mark.timeout(300)
+def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
+    with short_tmpdir("drv") as tmp:
+        # 60 steps (the 10 × 6 training images, batch 8 -> 7 steps per epoch, 9 epochs), so the run
+        # lasts long enough for its listeners to be seen
+        args = tiny_run_args(tiny_demo, tmp / "run", "--epochs", "9", "--microbatches", "2")
+        with open(tmp / "driver.log", "w") as log:
+            proc = subprocess.Popen(DRIVER + args, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            seen = _listeners_while_running(proc)
+        out = (tmp / "driver.log").read_text()
+        assert proc.returncode == 0, out[-4000:]
+        assert_nothing_left(proc.pid)
+    assert re.search(r"step \d+/63 \| epoch \d+/9 \| loss [\d.]+ \| lr 0.01 \| [\d.]+ img/s .*\| ETA ", out), out
+    assert re.search(r"epoch 9/9: train loss [\d.]+ \| val loss [\d.]+ \| val top-1 [\d.]+% \| val top-5", out), out
+    store = re.search(r"rendezvous 127\.0\.0\.1:(\d+)", out)
+    assert store, out
+    assert "checkpoint-00000063" in out
+    non_loopback = {s for s in seen if not localnet.is_loopback(s[1])}
+    assert not non_loopback, f"listeners beyond loopback: {non_loopback}"
+    ports = {s[2] for s in seen}
+    names = {s[0] for s in seen}
+    assert int(store.group(1)) in ports, "the rendezvous store was never seen listening"
+    assert {"gcs_server", "raylet"} <= names, names
+
+
+def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, capsys):
+    assert main(tiny_run_args(tiny_demo, tmp_path / "run", "--max-steps", "2")) == 0
+    directory = tmp_path / "run" / "checkpoint-00000002"
+    manifest = checkpoint.read_manifest(str(directory))
+    assert manifest["step"] == 2 and manifest["mesh"] == {"replicas": 1, "stages": 1, "towers": 2}
+    assert [s["file"] for s in manifest["shards"]] == ["rank00000.pt", "rank00001.pt"]
+    for shard in manifest["shards"]:
+        assert checkpoint.sha256_file(str(directory / shard["file"])) == shard["sha256"]
+    assert f"checkpoint: {directory}" in capsys.readouterr().out
+    assert not ray.is_initialized()
+
+
+@pytest.mark.timeout(300)
+def test_actor_exception_surfaces_with_traceback_and_nonzero_exit(tiny_demo, tmp_path):
+    # labels go up to 9 but the network is told there are 5 classes: the actor raises
+    proc = subprocess.Popen(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", "--num-classes", "5"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    assert_nothing_left(proc.pid)
+    assert "error: training failed" in err
+    assert re.search(r"File \".*cluster/worker.py\", line \d+, in train_step", err), err[-3000:]
+    assert "labels must be in [0, 5) for num_classes 5" in err

@@ -1,0 +1,52 @@
+"""The paper's update rule, hand-computed across a learning-rate drop, and the schedules."""
+
+import torch
+
+from stages.optim import MilestoneSchedule, PaperSGD, PlateauSchedule, set_lr
+
+
+def _run(optimizer_cls, lrs, **kwargs):
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = optimizer_cls([w], lr=lrs[0], momentum=0.9, weight_decay=0.0005, **kwargs)
+    for lr in lrs:
+        set_lr(opt, lr)
+        w.grad = torch.tensor([0.5, 0.25])  # a constant gradient keeps the arithmetic readable
+        opt.step()
+    return w.detach()
+
+
+def test_matches_hand_computed_update_across_a_drop():
+    # v ← 0.9·v − 0.0005·ε·w − ε·g ; w ← w + v, with ε = 0.01, 0.01, then 0.001
+    w, v, g = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.zeros(2, dtype=torch.float64), torch.tensor([0.5, 0.25], dtype=torch.float64)
+    for eps in (0.01, 0.01, 0.001):
+        v = 0.9 * v - 0.0005 * eps * w - eps * g
+        w = w + v
+    torch.testing.assert_close(_run(PaperSGD, [0.01, 0.01, 0.001]), w.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_differs_from_torch_sgd_only_after_a_drop():
+    constant = [0.01, 0.01, 0.01]
+    torch.testing.assert_close(_run(PaperSGD, constant), _run(torch.optim.SGD, constant), rtol=1e-6, atol=1e-7)
+    dropped = [0.01, 0.01, 0.001]
+    paper, torch_sgd = _run(PaperSGD, dropped), _run(torch.optim.SGD, dropped)
+    # after the drop torch rescales the whole velocity by the new ε; the paper keeps the old one
+    assert (paper - torch_sgd).abs().max() > 1e-3
+
+
+def test_plateau_schedule_divides_by_ten_at_most_three_times():
+    s = PlateauSchedule(0.01, patience=2, max_drops=3)
+    errors = [0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+    lrs = [s.end_epoch(e, err) for e, err in enumerate(errors)]
+    # improvement at epochs 0, 1, 4; two stale epochs -> drop at 3, 6, 8; never a fourth
+    assert lrs[:4] == [0.01, 0.01, 0.01, 0.001]
+    assert abs(lrs[6] - 1e-4) < 1e-12 and abs(lrs[8] - 1e-5) < 1e-13 and abs(lrs[-1] - 1e-5) < 1e-13
+
+
+def test_milestones_reproduce_the_original_run():
+    s = MilestoneSchedule(0.01, milestones=(25, 51, 79))
+    lr_for_epoch = [s.lr] + [s.end_epoch(e, 0.5) for e in range(90)]  # lr used by epoch e
+    assert lr_for_epoch[24] == 0.01 and lr_for_epoch[25] == 0.001
+    assert abs(lr_for_epoch[51] - 1e-4) < 1e-12 and abs(lr_for_epoch[79] - 1e-5) < 1e-13
+    restored = MilestoneSchedule(0.01)
+    restored.load_state_dict(s.state_dict())
+    assert restored.lr == s.lr

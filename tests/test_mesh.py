@@ -1,0 +1,46 @@
+"""The mesh's rank arithmetic and the progress line's rate and ETA."""
+
+import pytest
+
+from cluster.mesh import Coord, Mesh
+from cluster.progress import Progress, format_duration
+
+
+def test_ranks_are_tower_fastest_and_round_trip():
+    mesh = Mesh(replicas=1, stages=1, towers=2)
+    assert mesh.world_size == 2
+    assert [mesh.rank(Coord(0, 0, t)) for t in (0, 1)] == [0, 1]
+    assert [mesh.coord(r) for r in (0, 1)] == [Coord(0, 0, 0), Coord(0, 0, 1)]
+    assert mesh.tower_groups() == [[0, 1]]
+    assert Mesh(towers=1).tower_groups() == [[0]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"towers": 3}, "towers must be one of 1, 2, got 3: the paper splits every layer across two towers"),
+    ({"stages": 2}, "stages must be one of 1, got 2"),
+    ({"replicas": 0}, "replicas must be one of 1, got 0"),
+])
+def test_unsupported_mesh_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Mesh(**kwargs)
+
+
+def test_rank_outside_the_mesh_is_refused():
+    with pytest.raises(ValueError, match="rank 2 is outside the mesh's 2 ranks"):
+        Mesh().coord(2)
+    with pytest.raises(ValueError, match="tower 2 is outside the mesh's 2"):
+        Mesh().rank(Coord(0, 0, 2))
+
+
+def test_progress_rate_and_eta_leave_out_the_warm_up_step():
+    now = [0.0]
+    progress = Progress(total_steps=10, clock=lambda: now[0])
+    now[0] = 5.0   # the first step pays for start-up: 5 s
+    progress.update(32)
+    for _ in range(4):  # then 1 s per 32-image step
+        now[0] += 1.0
+        progress.update(32)
+    assert progress.images_per_second == pytest.approx(32.0)
+    assert progress.eta() == pytest.approx(5.0)  # 5 steps left at 1 s each
+    assert "step 5/10 | epoch 1/2 | loss 1.5000 | lr 0.01 | 32.0 img/s | ETA 5s" == progress.line(0, 2, 1.5, 0.01)
+    assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"

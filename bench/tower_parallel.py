@@ -81,7 +81,8 @@ LAYOUTS = (Layout("reference", towers=1, threads_per_worker=CORES),
 def find_jemalloc() -> str | None:
     """Path of libjemalloc.so.2 from the linker cache, else from the usual places; None if absent."""
     try:
-        cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+        cache = subprocess.run(["ldconfig", "-p"], check=False, capture_output=True, text=True,
+                               timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         cache = ""
     for line in cache.splitlines():
@@ -268,19 +269,26 @@ def allocators(requested: str | None, jemalloc: str | None) -> list[str]:
     return wanted
 
 
-def print_report(args: argparse.Namespace, flops: dict, results: list[dict]) -> None:
+def print_report(args: argparse.Namespace, flops: dict, results: list[dict], load: tuple[float, float]) -> None:
     print()
     print(f"torch {torch.__version__}, ray {ray.__version__}; batch {args.batch_size}, "
           f"{args.image_size}×{args.image_size}, channels_last {args.channels_last}, "
           f"{args.warmup} warm-up + {args.steps} timed steps (img/s from the median step)")
-    print("threads: matmul 1 actor × 2, reference 1 actor × 2, two-actor 2 actors × 1 (gloo)")
+    first = results[0]
+    threads = [("matmul", [first["matmul"]["environment"]])]
+    threads += [(run["config"], run["environments"]) for run in first["runs"]]
+    print("torch threads per actor (as the actors report them): "
+          + ", ".join(f"{name} {'+'.join(str(e['torch_threads']) for e in envs)}" for name, envs in threads)
+          + f"; Ray num_cpus {CORES}")
+    print("load average (1 min) before / after: {:.2f} / {:.2f}".format(*load))
     print(f"FLOPs/image: forward {flops['forward'] / 1e9:.3f} G (counted), training "
           f"{flops['train'] / 1e9:.3f} G (3 × forward; backward as counted {flops['backward_counted'] / 1e9:.3f} G)")
     for result in results:
         m = result["matmul"]
-        print(f"matmul [{result['allocator']}]: {m['gflops']:.1f} GFLOP/s (fp32 {m['n']}², median of "
-              f"{len(m['seconds'])})")
-    header = f"{'config':<10} | {'allocator':<9} | {'img/s':>7} | {'train GFLOP/s':>13} | {'% of matmul':>11} | exchange share"
+        print(f"matmul [{result['allocator']}{'' if m['allocator_verified'] else '!'}]: {m['gflops']:.1f} GFLOP/s "
+              f"(fp32 {m['n']}², median of {len(m['seconds'])})")
+    header = (f"{'config':<10} | {'allocator':<9} | {'img/s':>7} | {'train GFLOP/s':>13} | "
+              f"{'% of matmul':>11} | exchange share")
     print(header)
     print("-" * len(header))
     for result in results:
@@ -290,9 +298,10 @@ def print_report(args: argparse.Namespace, flops: dict, results: list[dict]) -> 
             print(f"{run['config']:<10} | {allocator:<9} | {run['images_per_second']:>7.2f} | "
                   f"{run['train_gflops']:>13.1f} | {run['percent_of_matmul']:>10.1f}% | {share}")
     for result in results:
-        print(f"ratio two-actor / reference ({result['allocator']}): {result['ratio']:.2f}   (target >= 1.0)")
+        print(f"ratio two-actor / reference (same allocator, {result['allocator']}): {result['ratio']:.2f}"
+              "   (target >= 1.0)")
     print("target: train GFLOP/s >= 40% of matmul")
-    if not all(run["allocator_verified"] for result in results for run in result["runs"]):
+    if not all(x["allocator_verified"] for result in results for x in [result["matmul"], *result["runs"]]):
         print("'!': the actors did not run the allocator asked for (see the warnings above)")
 
 
@@ -301,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     jemalloc = find_jemalloc()
     wanted = allocators(args.allocator, jemalloc)
     if not wanted:
+        print("error: no allocator left to benchmark", file=sys.stderr)
         return 2
     flops = count_flops(train_config(args, LAYOUTS[0]))
+    load_before = os.getloadavg()[0]
     restore_env = localnet.apply_loopback_env()  # every listener on 127.0.0.1, as the driver does
     try:
         ray.init(num_cpus=CORES, **localnet.local_ray_init_kwargs(include_dashboard=False))
@@ -310,11 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
         restore_env()
-    print_report(args, flops, results)
+    load = (load_before, os.getloadavg()[0])  # a busy machine skews the 2-thread runs most
+    print_report(args, flops, results, load)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "torch": torch.__version__, "ray": ray.__version__,
-                       "cores": CORES, "jemalloc": jemalloc, "flops_per_image": flops,
+                       "cores": CORES, "load_average": load, "jemalloc": jemalloc, "flops_per_image": flops,
                        "results": results}, f, indent=1)
     return 0
 

@@ -47,8 +47,14 @@ class ActorMesh:
 
     def call(self, method: str, *args) -> list:
         """Call `method(*args)` on every actor at once; the answers in rank order. An exception in
-        any actor is raised here with that actor's traceback."""
-        return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+        any actor is raised here as soon as it happens, with that actor's traceback (its partners
+        may be blocked in a collective, waiting for it)."""
+        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        pending = refs
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done[0])  # raises the actor's exception
+        return ray.get(refs)
 
     @staticmethod
     def put(value) -> "ray.ObjectRef":

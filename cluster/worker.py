@@ -18,7 +18,8 @@ from cluster import localnet
 from cluster.config import TrainConfig
 from cluster.exchange import ExchangeStats, TowerExchange
 from data.transforms import normalize_batch
-from stages.loss import local_exchange, sharded_cross_entropy, sharded_topk_correct, tower_loss
+from stages.loss import (local_exchange, sharded_cross_entropy, sharded_target_value, sharded_topk_correct,
+                         sharded_view_average, tower_loss)
 from stages.optim import PaperSGD, set_lr
 from stages.reference import TwoTowerAlexNet
 from stages.tower import HalfTower
@@ -82,23 +83,27 @@ class TowerWorker:
 
     # --- one step
 
-    def _logits(self, images: Tensor) -> Tensor:
-        """uint8 (b, 3, h, w) -> this process's share of the logits, (b, classes held here)."""
-        x = normalize_batch(images.to(self.device, non_blocking=True), memory_format=self.memory_format)
+    def _logits(self, images: Tensor, lighting: Tensor | None = None) -> Tensor:
+        """uint8 (b, 3, h, w) -> this process's share of the logits, (b, classes held here).
+        `lighting` (b, 3): each image's PCA colour offset, added with the mean subtraction."""
+        x = normalize_batch(images.to(self.device, non_blocking=True), memory_format=self.memory_format,
+                            lighting=lighting)
         if self.mesh.towers == 2:
             return self.model(x, self.exchange)
         return self.model(x)
 
-    def _accumulate_gradients(self, images: Tensor, labels: Tensor) -> tuple[float, Tensor | None]:
+    def _accumulate_gradients(self, images: Tensor, labels: Tensor,
+                              lighting: Tensor | None = None) -> tuple[float, Tensor | None]:
         """Forward and backward over the batch's microbatches; returns the batch's mean loss and,
         with one microbatch, this process's logits (for tests)."""
         self.optimizer.zero_grad(set_to_none=True)
         self._check_labels(labels)
         labels = labels.to(self.device)
         total, batch, logits = 0.0, images.shape[0], None
-        for mb_images, mb_labels in zip(images.split(self.config.microbatch_size),
-                                        labels.split(self.config.microbatch_size)):
-            logits = self._logits(mb_images)
+        size = self.config.microbatch_size
+        shifts = lighting.split(size) if lighting is not None else [None] * self.config.microbatches
+        for mb_images, mb_labels, mb_lighting in zip(images.split(size), labels.split(size), shifts):
+            logits = self._logits(mb_images, mb_lighting)
             loss = sharded_cross_entropy(logits, mb_labels, self.class_offset, self.exchange)
             weight = mb_images.shape[0] / batch  # the batch loss is the size-weighted mean
             (tower_loss(loss, self.mesh.towers) * weight).backward()
@@ -111,37 +116,42 @@ class TowerWorker:
             raise ValueError(f"labels must be in [0, {classes}) for num_classes {classes}, got "
                              f"[{int(labels.min())}, {int(labels.max())}]: does --num-classes match the data?")
 
-    def train_step(self, images: Tensor, labels: Tensor, lr: float) -> dict:
+    def train_step(self, images: Tensor, labels: Tensor, lr: float, lighting: Tensor | None = None) -> dict:
         """One optimizer step on one batch; returns what the driver logs."""
         start = time.perf_counter()
         self.model.train()
         self.exchange_stats.reset()
         set_lr(self.optimizer, lr)
-        loss, _ = self._accumulate_gradients(images, labels)
+        loss, _ = self._accumulate_gradients(images, labels, lighting)
         self.optimizer.step()
         return {"loss": loss, "images": images.shape[0], "seconds": time.perf_counter() - start,
                 "exchange_seconds": self.exchange_stats.seconds,
                 "exchange_bytes": self.exchange_stats.bytes_sent}
 
     @torch.no_grad()
-    def evaluate(self, images: Tensor, labels: Tensor) -> dict:
-        """Loss sum and top-1/top-5 hits over one validation batch (every tower gets the same)."""
+    def evaluate(self, images: Tensor, labels: Tensor, weights: Tensor | None = None) -> dict:
+        """Loss sum and top-1/top-5 hits over one validation batch (every tower gets the same).
+
+        images: uint8 (b, 3, h, w), or (b, views, 3, h, w) for the paper's 10-view test, whose
+        softmax is averaged over the views. weights (b,): 0 for padding rows, else 1."""
         self.model.eval()
         self._check_labels(labels)
         labels = labels.to(self.device)
-        logits = self._logits(images)
-        loss = sharded_cross_entropy(logits, labels, self.class_offset, self.exchange)
-        top1, top5 = sharded_topk_correct(logits, labels, self.class_offset, self.exchange, (1, 5))
-        return {"loss_sum": loss.item() * labels.shape[0], "top1": top1, "top5": top5,
-                "images": labels.shape[0]}
+        views = images.shape[1] if images.dim() == 5 else 1
+        logits = self._logits(images.flatten(0, 1) if views > 1 else images)
+        log_probs = sharded_view_average(logits, views, self.exchange)  # (b, classes held here)
+        losses = -sharded_target_value(log_probs, labels, self.class_offset, self.exchange)
+        w = torch.ones_like(losses) if weights is None else weights.to(losses)
+        top1, top5 = sharded_topk_correct(log_probs, labels, self.class_offset, self.exchange, (1, 5), w)
+        return {"loss_sum": float((losses * w).sum()), "top1": top1, "top5": top5, "images": float(w.sum())}
 
     # --- inspection (tests) and checkpoints
 
-    def probe(self, images: Tensor, labels: Tensor) -> dict:
+    def probe(self, images: Tensor, labels: Tensor, lighting: Tensor | None = None) -> dict:
         """Loss, this process's logits and gradients for one batch, without an optimizer step,
         named as in the reference network (`towers.{t}.layers...`)."""
         self.model.train()
-        loss, logits = self._accumulate_gradients(images, labels)
+        loss, logits = self._accumulate_gradients(images, labels, lighting)
         grads = {self.reference_prefix + name: p.grad.detach().cpu().clone()
                  for name, p in self.model.named_parameters()}
         self.optimizer.zero_grad(set_to_none=True)

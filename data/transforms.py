@@ -7,7 +7,11 @@ antialiases when shrinking. Training then takes a random ``crop``×``crop`` patc
 half the time; evaluation takes the centre patch. :func:`normalize_batch` subtracts the mean
 RGB at the end, on a whole batch, wherever the batch lives.
 
-PCA colour noise (the paper's third augmentation) is not applied here.
+PCA colour noise, the paper's third augmentation, adds one RGB offset per image
+(:func:`pca_lighting_offset`); it is drawn with the crop from the same per-image generator and
+added by :func:`normalize_batch` together with the mean subtraction, batched and in float, so the
+images stay uint8 until then. Evaluation can also take the paper's ten views
+(:class:`TenViewTransform`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,33 @@ import simplejpeg
 import torch
 from PIL import Image
 
-__all__ = ["MEAN_RGB", "EvalTransform", "TrainTransform", "decode_rgb", "normalize_batch"]
+__all__ = [
+    "LIGHTING_VARIANTS",
+    "MEAN_RGB",
+    "EvalTransform",
+    "TenViewTransform",
+    "TrainTransform",
+    "decode_rgb",
+    "normalize_batch",
+    "pca_lighting_offset",
+]
 
 MEAN_RGB: tuple[float, float, float] = (127.30, 119.72, 104.91)  # on 0–255 RGB (PAPER.md §Data)
+
+# PCA colour augmentation (PAPER.md §Data): RGB eigenvectors as columns, rows R, G, B.
+PCA_EIGENVECTORS = np.array([[-0.5675, 0.7192, 0.4009],
+                             [-0.5808, -0.0045, -0.8140],
+                             [-0.5836, -0.6948, 0.4203]])
+# What multiplies α_i ~ N(0, 0.1) along eigenvector i, on the 0–255 scale:
+#   paper: λ_i (eigenvalues on the 0–1 scale) × 255;
+#   cuda-convnet-2012: the original code's std-devs, √λ on 0–255 (largest component first), which
+#   is about 2× stronger on the first component.
+PCA_SCALES = {
+    "paper": np.array([0.2175, 0.0188, 0.0045]) * 255.0,
+    "cuda-convnet-2012": np.array([121.78, 37.09, 19.72]),
+}
+LIGHTING_VARIANTS = tuple(PCA_SCALES)
+PCA_ALPHA_STD = 0.1
 
 _JPEG_SOI = b"\xff\xd8"
 _TURBO_RGB_SOURCES = ("YCbCr", "Gray", "RGB")  # colour spaces libjpeg-turbo maps to RGB exactly
@@ -91,6 +119,15 @@ class TrainTransform:
         return f"TrainTransform(resize={self.resize}, crop={self.crop})"
 
 
+def pca_lighting_offset(rng: np.random.Generator, variant: str = "paper") -> np.ndarray:
+    """One image's colour shift: [p1 p2 p3]·[α1·s1, α2·s2, α3·s3]ᵀ, α ~ N(0, 0.1) drawn from
+    ``rng``; (3,) float32 RGB on the 0–255 scale, added to every pixel of that image."""
+    if variant not in PCA_SCALES:
+        raise ValueError(f"lighting variant must be one of {', '.join(PCA_SCALES)}, got {variant!r}")
+    alphas = rng.normal(0.0, PCA_ALPHA_STD, size=3)
+    return (PCA_EIGENVECTORS @ (alphas * PCA_SCALES[variant])).astype(np.float32)
+
+
 class EvalTransform:
     """Evaluation view: 256 square, centre ``crop`` patch. Deterministic."""
 
@@ -109,15 +146,40 @@ class EvalTransform:
         return f"EvalTransform(resize={self.resize}, crop={self.crop})"
 
 
+class TenViewTransform:
+    """The paper's test views (§4.1): the four corner and the centre ``crop`` patches of the 256
+    square, then the same five flipped. Deterministic; the network's softmax is averaged over them."""
+
+    def __init__(self, resize: int = 256, crop: int = 224) -> None:
+        if not 0 < crop <= resize:
+            raise ValueError(f"crop must be in 1..resize={resize}, got {crop}")
+        self.resize, self.crop = resize, crop
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 → (10, 3, crop, crop) uint8 tensor: TL, TR, BL, BR, centre, then flips."""
+        square = _square(image, self.resize)  # (resize, resize, 3)
+        far, mid = self.resize - self.crop, (self.resize - self.crop) // 2
+        corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+        views = [square[top : top + self.crop, left : left + self.crop] for top, left in corners]
+        views += [view[:, ::-1] for view in views]
+        return torch.stack([_to_chw(view) for view in views])
+
+    def __repr__(self) -> str:
+        return f"TenViewTransform(resize={self.resize}, crop={self.crop})"
+
+
 def normalize_batch(
     images: torch.Tensor,
     out: torch.Tensor | None = None,
     *,
     memory_format: torch.memory_format = torch.contiguous_format,
+    lighting: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Subtract :data:`MEAN_RGB`: (B, 3, H, W) uint8 → (B, 3, H, W) float32 on the same device.
 
     The paper only subtracts the mean: there is no division by a standard deviation or by 255.
+    ``lighting`` (B, 3), when given, is each image's PCA colour offset
+    (:func:`pca_lighting_offset`), added in the same pass.
     Writes into ``out`` when given (same shape, float32, same device; its memory format is
     kept), else allocates with ``memory_format`` (e.g. ``torch.channels_last``).
     """
@@ -136,4 +198,9 @@ def normalize_batch(
         )
     mean = torch.tensor(MEAN_RGB, dtype=torch.float32).view(1, 3, 1, 1)
     out.copy_(images)
-    return out.sub_(mean.to(images.device, non_blocking=True))
+    out.sub_(mean.to(images.device, non_blocking=True))
+    if lighting is not None:
+        if lighting.shape != (images.shape[0], 3):
+            raise ValueError(f"lighting must be ({images.shape[0]}, 3), got {tuple(lighting.shape)}")
+        out.add_(lighting.to(device=images.device, dtype=torch.float32).view(-1, 3, 1, 1))
+    return out

@@ -11,6 +11,8 @@ serves both layouts. Every tower computes the same L; with the exchange's backwa
 towers' gradients (reduce-scatter), each tower must backpropagate L / towers (see `tower_loss`).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,9 +56,33 @@ def topk_correct(logits: Tensor, target: Tensor, topk: tuple[int, ...] = (1, 5))
 
 
 @torch.no_grad()
+def sharded_view_average(logits: Tensor, views: int, exchange: Exchange) -> Tensor:
+    """(b·views, n) logits of each view → (b, n) log of the softmax averaged over the views
+    (the paper's 10-view test, §4.1); with one view, the log-softmax. Sharded like the loss."""
+    lse = exchange(torch.logsumexp(logits, dim=1, keepdim=True))  # (b·views, towers)
+    log_probs = logits - torch.logsumexp(lse, dim=1, keepdim=True)
+    if views == 1:
+        return log_probs
+    return log_probs.reshape(-1, views, logits.shape[1]).logsumexp(dim=1) - math.log(views)
+
+
+@torch.no_grad()
+def sharded_target_value(values: Tensor, target: Tensor, class_offset: int, exchange: Exchange) -> Tensor:
+    """(b, n) per-class values of this tower's classes → (b,) each row's value at its target class."""
+    n = values.shape[1]
+    local = target - class_offset
+    mine = (local >= 0) & (local < n)
+    picked = values.new_zeros(values.shape[0])
+    if n > 0:
+        picked = torch.where(mine, values.gather(1, local.clamp(0, n - 1).unsqueeze(1)).squeeze(1), picked)
+    return exchange(picked.unsqueeze(1)).sum(dim=1)
+
+
+@torch.no_grad()
 def sharded_topk_correct(logits: Tensor, target: Tensor, class_offset: int, exchange: Exchange,
-                         topk: tuple[int, ...] = (1, 5)) -> list[int]:
-    """Top-k hits over all classes when each tower holds a shard of the logits.
+                         topk: tuple[int, ...] = (1, 5), weights: Tensor | None = None) -> list[float]:
+    """Top-k hits over all classes when each tower holds a shard of the logits (any scores that
+    rank classes, e.g. averaged log-probabilities), optionally weighted per row.
 
     Each tower sends its own k best (value, class) pairs, padded with −inf for a shard narrower than
     k, and every tower picks the k best of all towers' candidates.
@@ -73,4 +99,6 @@ def sharded_topk_correct(logits: Tensor, target: Tensor, class_offset: int, exch
     values, classes = candidates[:, :, 0].reshape(b, -1), candidates[:, :, 1].reshape(b, -1)
     top = classes.gather(1, values.topk(k, dim=1).indices)  # (b, k), best first
     hits = top == target.unsqueeze(1).to(top.dtype)
-    return [int(hits[:, :kk].any(dim=1).sum()) for kk in topk]
+    if weights is None:
+        return [int(hits[:, :kk].any(dim=1).sum()) for kk in topk]
+    return [float((hits[:, :kk].any(dim=1).to(weights.dtype) * weights).sum()) for kk in topk]

@@ -36,12 +36,14 @@ def small_config(**changes) -> TrainConfig:
     return TrainConfig(**{**base, **changes})
 
 
-def batches(config: TrainConfig, count: int):
+def batches(config: TrainConfig, count: int, views: int = 0):
+    """Random uint8 images, labels and PCA colour offsets (or ten views per image, for eval)."""
     g = torch.Generator().manual_seed(11)
     for _ in range(count):
-        images = torch.randint(0, 256, (config.batch_size, 3, config.image_size, config.image_size),
-                               dtype=torch.uint8, generator=g)
-        yield images, torch.randint(0, config.num_classes, (config.batch_size,), generator=g)
+        shape = (config.batch_size,) + ((views,) if views else ()) + (3, config.image_size, config.image_size)
+        images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, config.num_classes, (config.batch_size,), generator=g)
+        yield images, labels, torch.randn(config.batch_size, 3, generator=g) * 5
 
 
 def reference_run(config: TrainConfig):
@@ -49,9 +51,9 @@ def reference_run(config: TrainConfig):
     net = TwoTowerAlexNet(config.model_config, seed=config.seed)
     opt = PaperSGD(net.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     first = None
-    for (images, labels), lr in zip(batches(config, len(LRS)), LRS):
+    for (images, labels, lighting), lr in zip(batches(config, len(LRS)), LRS):
         opt.zero_grad()
-        logits = net(normalize_batch(images))
+        logits = net(normalize_batch(images, lighting=lighting))
         loss = cross_entropy_reference(logits, labels)
         loss.backward()
         if first is None:
@@ -82,8 +84,8 @@ def test_matches_reference(local_ray, towers, microbatches, variant):
         assert grads.keys() == first["grads"].keys()
         for name, grad in grads.items():
             assert_rel_close(grad, first["grads"][name], f"gradient of {name}")
-        for (images, labels), lr in zip(batches(config, len(LRS)), LRS):
-            workers.call("train_step", images, labels, lr)
+        for (images, labels, lighting), lr in zip(batches(config, len(LRS)), LRS):
+            workers.call("train_step", images, labels, lr, lighting)
         weights = {name: w for params in workers.call("named_parameters") for name, w in params.items()}
         for name, w in weights.items():
             assert_rel_close(w, final[name], f"weight {name} after {len(LRS)} steps")
@@ -97,10 +99,37 @@ def test_microbatch_count_does_not_change_the_result(local_ray):
         config = small_config(towers=2, microbatches=m)
         workers = ActorMesh(config, localnet.loopback_env())
         try:
-            for (images, labels), lr in zip(batches(config, len(LRS)), LRS):
-                workers.call("train_step", images, labels, lr)
+            for (images, labels, lighting), lr in zip(batches(config, len(LRS)), LRS):
+                workers.call("train_step", images, labels, lr, lighting)
             weights[m] = {n: w for params in workers.call("named_parameters") for n, w in params.items()}
         finally:
             workers.shutdown()
     for name in weights[1]:
         assert_rel_close(weights[4][name], weights[1][name], f"{name}: M=4 vs M=1")
+
+
+@pytest.mark.parametrize("views", [1, 10])
+def test_evaluation_matches_reference(local_ray, views):
+    """Loss and top-k of the softmax averaged over the paper's ten views (or one), sharded over two
+    actors, equal the reference's; a row of weight 0 (padding) does not count."""
+    config = small_config(towers=2, num_classes=10)
+    images, labels, _ = next(batches(config, 1, views=views if views > 1 else 0))
+    weights = torch.ones(config.batch_size)
+    weights[-1] = 0.0
+    net = TwoTowerAlexNet(config.model_config, seed=config.seed).eval()
+    with torch.no_grad():
+        flat = images.flatten(0, 1) if views > 1 else images
+        probs = net(normalize_batch(flat)).softmax(dim=1).reshape(config.batch_size, views, -1).mean(dim=1)
+    losses = -probs.gather(1, labels[:, None]).squeeze(1).log()
+    top5 = probs.topk(5, dim=1).indices
+    expected_top1 = float(((top5[:, 0] == labels).float() * weights).sum())
+    expected_top5 = float(((top5 == labels[:, None]).any(dim=1).float() * weights).sum())
+    workers = ActorMesh(config, localnet.loopback_env())
+    try:
+        results = workers.call("evaluate", images, labels, weights)
+    finally:
+        workers.shutdown()
+    for result in results:
+        assert result["images"] == config.batch_size - 1
+        assert abs(result["loss_sum"] - float((losses * weights).sum())) <= RTOL * float(losses.sum())
+        assert (result["top1"], result["top5"]) == (expected_top1, expected_top5)

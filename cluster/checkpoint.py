@@ -10,6 +10,7 @@ import os
 
 MANIFEST = "manifest.json"
 KEY_STEP, KEY_EPOCH, KEY_CONFIG, KEY_MESH, KEY_SHARDS = "step", "epoch", "config", "mesh", "shards"
+KEY_LOADER = "loader"  # the training reader's position: resuming continues with the next sample
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:
@@ -25,10 +26,11 @@ def sha256_file(path: str) -> str:
 
 
 def write_manifest(directory: str, *, step: int, epoch: int, config: dict, mesh: dict,
-                   shard_paths: list[str]) -> str:
+                   shard_paths: list[str], loader: dict) -> str:
     shards = [{"file": os.path.basename(p), "sha256": sha256_file(p), "bytes": os.path.getsize(p)}
               for p in shard_paths]
-    manifest = {KEY_STEP: step, KEY_EPOCH: epoch, KEY_CONFIG: config, KEY_MESH: mesh, KEY_SHARDS: shards}
+    manifest = {KEY_STEP: step, KEY_EPOCH: epoch, KEY_CONFIG: config, KEY_MESH: mesh, KEY_SHARDS: shards,
+                KEY_LOADER: loader}
     path = os.path.join(directory, MANIFEST)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

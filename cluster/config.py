@@ -47,6 +47,10 @@ class TrainConfig:
     # --- data
     train_data: str = _opt(DEMO_DATA, "training shards: `demo`, a brace pattern, a glob or a directory")
     val_data: str = _opt(DEMO_DATA, "validation shards, same forms as --train-data")
+    pca_lighting: bool = _opt(True, "PCA colour augmentation, with the variant's constants (PAPER.md §Data)")
+    eval_views: int = _opt(1, "views per validation image: 1 (centre crop) or 10 (corners, centre and flips)")
+    loader_threads: int = _opt(1, "threads decoding each batch in the driver")
+    max_bad_fraction: float = _opt(0.001, "largest share of unreadable samples before the run stops")
     batch_size: int = _opt(128, "images per optimizer step (per replica)")
     microbatches: int = _opt(1, "microbatches each batch is split into; gradients accumulate")
     epochs: int = _opt(90, "passes over the training data")
@@ -69,12 +73,16 @@ class TrainConfig:
     collective_timeout_s: float = _opt(300.0, "seconds a collective may wait before the run fails")
 
     def __post_init__(self):
-        self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "batch_size",
+        self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "loader_threads", "batch_size",
                              "microbatches", "epochs", "log_every", "lr_patience")
         self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops")
         if self.batch_size % self.microbatches:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by microbatches "
                               f"{self.microbatches}: allowed microbatches are divisors of the batch")
+        if self.eval_views not in (1, 10):
+            raise ConfigError(f"eval_views must be 1 or 10, got {self.eval_views}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.resize < self.image_size:
             raise ConfigError(f"resize {self.resize} must be at least image_size {self.image_size}")
         if self.lr_schedule not in LR_SCHEDULES:

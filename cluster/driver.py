@@ -25,7 +25,7 @@ from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, o
 from cluster.recipes import RECIPES, build_config  # noqa: E402
 from cluster.trainer import NonFiniteLoss, train  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
-from data.loader import ShardBatches  # noqa: E402
+from data.loader import DataError, ShardBatches  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
 
 log = logging.getLogger("cluster.driver")
@@ -64,9 +64,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def open_data(config: TrainConfig) -> tuple[ShardBatches, ShardBatches]:
-    common = dict(seed=config.seed, resize=config.resize, crop=config.image_size)
-    train_data = ShardBatches(config.train_data, config.batch_size, train=True, **common)
-    val_data = ShardBatches(config.val_data, config.batch_size, train=False, **common)
+    """The readers for replica 0 (the only one until data parallelism lands)."""
+    common = dict(seed=config.seed, resize=config.resize, crop=config.image_size, num_classes=config.num_classes,
+                  max_bad_fraction=config.max_bad_fraction, num_threads=config.loader_threads)
+    lighting = config.variant if config.pca_lighting else None
+    train_data = ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting, **common)
+    val_data = ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views, **common)
     return train_data, val_data
 
 
@@ -115,14 +118,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             result = train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True))
-        except (ray.exceptions.RayError, NonFiniteLoss) as err:
+        except (ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
             print(f"error: training failed: {err}", file=sys.stderr, flush=True)
             return 1
         finally:
             workers.shutdown()
     last = result.epochs[-1]
     print(f"done: {result.steps} steps, val top-1 {100 * last.val_top1:.1f}%, top-5 {100 * last.val_top5:.1f}%, "
-          f"{result.images_per_second:.1f} img/s; checkpoint {result.checkpoint}", flush=True)
+          f"{result.images_per_second:.1f} img/s, data wait {100 * result.data_wait_fraction:.1f}% of step time; "
+          f"checkpoint {result.checkpoint}", flush=True)
     return 0
 
 

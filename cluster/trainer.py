@@ -8,6 +8,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 from cluster import checkpoint
@@ -30,23 +31,32 @@ def make_schedule(config: TrainConfig):
 
 
 def prefetched(batches: Iterator, put, depth: int = 2) -> Iterator:
-    """Decode the next batches on a thread and place them in the object store while actors compute."""
+    """Decode the next batches on a thread and place them in the object store while actors compute.
+    Yields (batch refs, seconds the loop waited for them): the data-wait of that step."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
+    def stored(tensor):
+        return None if tensor is None else put(tensor)
+
     def produce():
         try:
-            for images, labels in batches:
-                slots.put((put(images), put(labels)))
+            for batch in batches:
+                slots.put(dataclasses.replace(batch, images=put(batch.images), labels=put(batch.labels),
+                                              lighting=stored(batch.lighting), weights=stored(batch.weights)))
             slots.put(done)
         except BaseException as err:  # re-raised in the consumer
             slots.put(err)
 
     threading.Thread(target=produce, daemon=True, name="prefetch").start()
-    while (item := slots.get()) is not done:
+    while True:
+        start = time.perf_counter()
+        item = slots.get()
+        if item is done:
+            return
         if isinstance(item, BaseException):
             raise item
-        yield item
+        yield item, time.perf_counter() - start
 
 
 @dataclasses.dataclass
@@ -64,13 +74,32 @@ class TrainResult:
     epochs: list[EpochResult]
     checkpoint: str
     images_per_second: float
+    data_wait_fraction: float
+
+
+class WaitShare:
+    """The share of step time the loop spent waiting for the next batch (first step excluded:
+    the pipeline is still filling)."""
+
+    def __init__(self):
+        self.waited = self.total = 0.0
+        self.steps = 0
+
+    def add(self, waited: float, total: float) -> None:
+        self.steps += 1
+        if self.steps > 1:
+            self.waited, self.total = self.waited + waited, self.total + total
+
+    @property
+    def fraction(self) -> float:
+        return self.waited / self.total if self.total else 0.0
 
 
 def evaluate(workers, loader: ShardBatches) -> tuple[float, float, float]:
     """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crops)."""
     totals = {"loss_sum": 0.0, "top1": 0, "top5": 0, "images": 0}
-    for images, labels in prefetched(loader.epoch_batches(0), workers.put):
-        result = workers.call("evaluate", images, labels)[0]  # every tower computes the same
+    for batch, _ in prefetched(loader.epoch_batches(0), workers.put):
+        result = workers.call("evaluate", batch.images, batch.labels, batch.weights)[0]  # every tower: the same
         for key in totals:
             totals[key] += result[key]
     n = max(totals["images"], 1)
@@ -86,14 +115,17 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
     if config.max_steps:
         total = min(total, config.max_steps)
     progress = Progress(total)
+    wait_share = WaitShare()
     epochs: list[EpochResult] = []
     epoch = 0
     print_fn(f"training {total} steps ({config.epochs} epochs × {steps_per_epoch}) of "
              f"{config.batch_size} images in {config.microbatches} microbatch(es) on {config.mesh.describe()}")
     for epoch in range(config.epochs):
         loss_sum, steps_this_epoch = 0.0, 0
-        for images, labels in prefetched(train_data.epoch_batches(epoch), workers.put):
-            results = workers.call("train_step", images, labels, lr)
+        for batch, data_wait in prefetched(train_data.epoch_batches(epoch), workers.put):
+            started = time.perf_counter()
+            results = workers.call("train_step", batch.images, batch.labels, lr, batch.lighting)
+            wait_share.add(data_wait, time.perf_counter() - started + data_wait)
             loss = results[0]["loss"]
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss} at step {progress.steps + 1}: lower --lr or check the data")
@@ -102,6 +134,7 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
             if progress.steps % config.log_every == 0 or progress.steps == total:
                 comm = max(r["exchange_seconds"] / max(r["seconds"], 1e-9) for r in results)
                 extra = f" | exchange {100 * comm:.0f}%" if config.mesh.towers > 1 else ""
+                extra += f" | data wait {100 * wait_share.fraction:.0f}%"
                 print_fn(progress.line(epoch, config.epochs, loss, lr, extra))
             if progress.steps >= total:
                 break
@@ -116,7 +149,9 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
     directory = checkpoint.checkpoint_dir(config.run_dir, progress.steps)
     os.makedirs(directory, exist_ok=True)
     shards = workers.call("save", directory)
+    finished_epoch = steps_this_epoch == steps_per_epoch
+    loader = train_data.state_dict(epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else steps_this_epoch)
     checkpoint.write_manifest(directory, step=progress.steps, epoch=epoch, config=config.to_dict(),
-                              mesh=dataclasses.asdict(config.mesh), shard_paths=shards)
+                              mesh=dataclasses.asdict(config.mesh), shard_paths=shards, loader=loader)
     print_fn(f"checkpoint: {os.path.abspath(directory)}")
-    return TrainResult(progress.steps, epochs, directory, progress.images_per_second)
+    return TrainResult(progress.steps, epochs, directory, progress.images_per_second, wait_share.fraction)

@@ -24,6 +24,7 @@ from stages.optim import PaperSGD, set_lr
 from stages.reference import TwoTowerAlexNet
 from stages.tower import HalfTower
 
+INJECT_FAILURE_ENV = "ALEXNET_INJECT_FAILURE"  # "RANK:STEP": that rank raises at that step (tests)
 CHECKPOINT_MODEL = "model"
 CHECKPOINT_OPTIMIZER = "optimizer"
 CHECKPOINT_COORD = "coord"
@@ -50,6 +51,16 @@ class TowerWorker:
                                   weight_decay=config.weight_decay)
         self.exchange = local_exchange
         self.exchange_stats = ExchangeStats()
+        self.steps_done = 0
+        self.failure_step = self._injected_failure_step()
+
+    def _injected_failure_step(self) -> int | None:
+        """The step at which this rank must fail, if the environment asks for one (fault tests)."""
+        spec = os.environ.get(INJECT_FAILURE_ENV, "")
+        if not spec:
+            return None
+        rank, step = (int(part) for part in spec.split(":"))
+        return step if rank == self.rank else None
 
     # --- process groups, set up like Ray Train's torch backend
 
@@ -119,6 +130,9 @@ class TowerWorker:
     def train_step(self, images: Tensor, labels: Tensor, lr: float, lighting: Tensor | None = None) -> dict:
         """One optimizer step on one batch; returns what the driver logs."""
         start = time.perf_counter()
+        if self.steps_done == self.failure_step:
+            raise RuntimeError(f"failure injected by {INJECT_FAILURE_ENV} at rank {self.rank}, step {self.steps_done}")
+        self.steps_done += 1
         self.model.train()
         self.exchange_stats.reset()
         set_lr(self.optimizer, lr)

@@ -2,8 +2,9 @@
 
 - ``data.shards``: write, name and read WebDataset tar shards of ``(key, jpg, cls)``.
 - ``data.demo``: a ten-class demo dataset made from scikit-image's bundled photos.
-- ``data.transforms``: decoding, the paper's train/eval crops, mean subtraction.
-- ``data.loader``: ``ShardBatches``, deterministic ``(images, labels)`` batches per epoch.
+- ``data.transforms``: decoding, the paper's train crops, PCA colour noise, centre and ten-view
+  eval crops, mean subtraction.
+- ``data.loader``: ``ShardBatches``, exact, resumable ``Batch``es per replica and epoch.
 
 Imports only torch, webdataset, PIL, simplejpeg, numpy, skimage and the standard library.
 """

@@ -1,42 +1,290 @@
-"""A small deterministic batch iterator over WebDataset shards.
+"""Deterministic, resumable, data-parallel batches from WebDataset shards.
 
-Every batch is a pure function of ``(seed, epoch)`` and the shards: the training order is a
-permutation drawn from ``(seed, epoch)``, and the augmentation of sample ``index`` (its position
-in shard order) draws from ``numpy.random.default_rng([seed, epoch, index])``. So the images do
-not depend on the batch size, the thread count or which process builds them.
+Design
+------
+**Index.** At construction every shard's tar headers are scanned once (``tarfile``, no image is
+read or decoded; the tiny ``cls`` members are read). Each complete sample, a key with an image
+member (``jpg``/``jpeg``) and a valid label, becomes one index entry: its shard, the byte offset
+and size of its image member, and its label; ``index`` below is a sample's position in this
+index (shard order, then member order). Structural problems are excluded here and counted by
+reason in :attr:`ShardBatches.read_stats` (an :class:`IndexStats`, a :class:`ReadStats`):
 
-It holds every sample's encoded bytes in memory (about 56 KB per demo image, so ~85 MB for the
-default demo dataset): fine for the demo, not meant for ImageNet.
+- ``broken tar``: a corrupt or truncated tar; the rest of that shard, including a sample it cut
+  short, is skipped and counted once;
+- ``missing jpg``, ``missing cls``;
+- ``cls not an integer`` (not ASCII decimal >= 0);
+- ``label out of range`` (``cls >= num_classes``, when ``num_classes`` is given).
+
+Each reason is logged once per shard, naming the shard and the first such key. Every replica scans
+the same files, so all agree on the index and on ``num_samples`` (N); :attr:`fingerprint` (a
+hash of shard names and the index) lets a caller check that across processes. The scan reads
+two tar headers per sample: cheap for the demo, but ImageNet's 2.6M members take a while per
+process (more on a network file system); ``num_threads`` threads scan shards in parallel.
+Nothing is cached on disk.
+
+**Epoch order.** Training visits a permutation of ``range(N)`` drawn from ``(seed, epoch)``;
+evaluation visits ``range(N)`` in index order. Replica ``r`` of ``R`` takes positions
+``r, r+R, r+2R, ...`` of that order, ``batch_size`` (B) at a time:
+
+- training keeps the first ``N - N % (R*B)`` positions, so every replica has exactly
+  ``N // (R*B)`` full batches; the ``N % (R*B)`` samples at the end of the permutation (other
+  ones each epoch) are the documented remainder, not seen that epoch;
+- evaluation keeps every sample: each replica has ``ceil(N / (R*B))`` batches, and rows past its
+  last sample are padding (a zero image, label 0, weight 0), so every sample is scored exactly
+  once across replicas and every replica runs the same number of equally shaped batches.
+
+**Augmentation.** Sample ``index`` in epoch ``epoch`` draws from
+``numpy.random.default_rng([seed, epoch, index])`` in a fixed order: the crop (top, left, flip,
+:class:`TrainTransform`), then the PCA colour offset (:func:`pca_lighting_offset`) when lighting
+is on. Since ``index`` is global, a sample's view does not depend on the batch size, the replica
+count, the thread count or the resume point.
+
+**Bad images at load time.** Image bytes are first read when a batch needs them. A sample whose
+bytes cannot be read (``unreadable image``) or decoded (``undecodable image``) is counted once
+under that reason, logged once per shard, and remembered. Training substitutes it with the next
+sample of the epoch's global order that decodes (wrapping around), augmented with that sample's
+own draws, so batches stay full and the choice depends only on the files, never on timing or
+the resume point. Evaluation does not substitute: the row gets weight 0 (and a zero image), so
+the sample is not scored.
+
+**Bad fraction.** ``bad / total > max_bad_fraction`` raises :class:`DataError`, where ``bad``
+counts every bad sample found so far (at the scan, plus distinct load-time failures) and
+``total`` is every sample found in the shards (N plus the scan's skips; a broken tar's lost rest
+counts as one). It is checked after the scan and at every new load-time failure; the load-time
+part only counts what this reader has decoded (a resumed reader starts afresh).
+
+**Threads.** ``num_threads`` threads decode the rows of a batch (simplejpeg and PIL release the
+GIL) and write straight into it; rows keep their places, so results do not depend on the thread
+count. Image bytes are read with ``os.pread`` from a small LRU of open shard files.
+
+**Resume.** :meth:`ShardBatches.state_dict` gives a small JSON-able dict (position plus what
+identifies the reader: seed, train, replica, replicas, batch size, N, fingerprint).
+:meth:`ShardBatches.check_state` checks it against a reader and returns ``(epoch, next_batch)``;
+``epoch_batches(epoch, start_batch=next_batch)`` then yields exactly the batches an
+uninterrupted run would have yielded from there, bit for bit. The view settings (resize, crop,
+lighting, views) are configuration, not position, and are not checked.
+
+Each data-parallel replica builds its own reader with ``replica=r``; the towers of a replica
+either share one or build identical ones (same arguments, same batches).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
+import dataclasses
+import hashlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+import math
+import os
+import tarfile
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-from data.shards import ReadStats, expand_shards, read_samples
-from data.transforms import EvalTransform, TrainTransform, decode_rgb
+from data.shards import (
+    _IMAGE_SUFFIXES,
+    ReadStats,
+    _only_zeros_after,
+    _split_member_name,
+    expand_shards,
+)
+from data.transforms import (
+    LIGHTING_VARIANTS,
+    EvalTransform,
+    TenViewTransform,
+    TrainTransform,
+    decode_rgb,
+    pca_lighting_offset,
+)
 
-__all__ = ["ShardBatches"]
+__all__ = ["Batch", "DataError", "IndexStats", "ShardBatches", "scan_shard"]
 
 log = logging.getLogger(__name__)
 
 _ORDER_STREAM = (1,)  # spawn key that keeps the order stream apart from the per-sample streams
+_STATE_FORMAT = "ShardBatches/1"  # version tag of state_dict()
+_CLS_MAX_BYTES = 32  # a longer cls member is not a class index; don't read it
+_OPEN_FILES = 8  # shard files kept open (at least 2 per thread)
+
+
+class DataError(ValueError):
+    """Too much of the data is bad (more than ``max_bad_fraction``), or none of it decodes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One step's batch for one replica."""
+
+    images: torch.Tensor  # uint8 (B, 3, crop, crop), or (B, 10, 3, crop, crop) with views=10
+    labels: torch.Tensor  # int64 (B,)
+    lighting: torch.Tensor | None  # float32 (B, 3) PCA colour offsets, 0–255 scale; or None
+    weights: torch.Tensor | None  # float32 (B,): 1 real, 0 padding/unscorable; None when all 1
+    epoch: int
+    index: int  # batch index within this replica's epoch
+    indices: torch.Tensor | None = None  # int64 (B,): sample index of each row, -1 for padding
+
+
+@dataclasses.dataclass
+class IndexStats(ReadStats):
+    """:class:`ReadStats` whose reasons are fixed names (details go to the log), logged once per
+    shard and reason."""
+
+    logged: set = dataclasses.field(default_factory=set, repr=False, compare=False)
+
+    def skip(self, reason: str, key: str, path: str, detail: str = "") -> None:
+        """Count one skipped sample under ``reason``; log the first per (shard, reason)."""
+        self.skipped += 1
+        self.reasons[reason] += 1
+        if (path, reason) not in self.logged:
+            self.logged.add((path, reason))
+            log.warning(
+                "skipped sample %r in %s: %s%s (further ones for this reason in this shard are "
+                "only counted)",
+                key,
+                path,
+                reason,
+                f" ({detail})" if detail else "",
+            )
+
+    def merge(self, other: ReadStats) -> None:
+        """Add ``other``'s counts to these."""
+        self.samples += other.samples
+        self.skipped += other.skipped
+        self.reasons.update(other.reasons)
+        self.logged |= getattr(other, "logged", set())
+
+    def summary(self) -> str:
+        """``"2 broken tar, 1 missing cls"``, or ``"none"``."""
+        return ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items())) or "none"
+
+
+# ---------------------------------------------------------------- index
+
+
+def scan_shard(
+    path: str, stats: IndexStats, num_classes: int | None = None
+) -> list[tuple[str, int, int, int]]:
+    """Index one shard from its tar headers: ``(key, image offset, image size, label)`` of each
+    complete, well-labelled sample, in member order. Image bytes are not read.
+
+    Bad samples and a broken rest of the shard are skipped and counted in ``stats`` under the
+    reasons in the module docstring.
+    """
+    entries: list[tuple[str, int, int, int]] = []
+    key: str | None = None
+    members: dict[str, object] = {}
+
+    def finish() -> None:
+        if key is not None:
+            entry = _index_entry(key, members, path, stats, num_classes)
+            if entry is not None:
+                entries.append(entry)
+
+    broken = None
+    try:
+        file_size = os.path.getsize(path)
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                member_key, suffix = _split_member_name(info.name)
+                if member_key != key:
+                    finish()
+                    key, members = member_key, {}
+                if info.offset_data + info.size > file_size:
+                    raise tarfile.ReadError(f"member {info.name!r} runs past the end of the file")
+                if suffix == "cls":
+                    small = info.size <= _CLS_MAX_BYTES
+                    members["cls"] = tar.extractfile(info).read() if small else b"<long>"  # type: ignore[union-attr]
+                elif suffix in _IMAGE_SUFFIXES:
+                    members.setdefault("jpg", (info.offset_data, info.size))
+            end_offset = tar.offset
+        if not _only_zeros_after(path, end_offset):
+            broken = "bad header part-way"  # tarfile stops quietly at a bad header past the first
+    except (tarfile.TarError, OSError, EOFError) as err:
+        broken = str(err)
+    if broken is None or {"jpg", "cls"} <= members.keys():
+        finish()  # an incomplete sample cut short by a broken tar is part of the lost rest
+    if broken is not None:
+        stats.skip("broken tar", key or "*", path, f"{broken}; rest of shard skipped")
+    return entries
+
+
+def _index_entry(
+    key: str, members: dict, path: str, stats: IndexStats, num_classes: int | None
+) -> tuple[str, int, int, int] | None:
+    """The index entry of one sample's members, or None after counting why it is skipped."""
+    if "jpg" not in members:
+        stats.skip("missing jpg", key, path)
+        return None
+    if "cls" not in members:
+        stats.skip("missing cls", key, path)
+        return None
+    text = members["cls"].strip()
+    if not text.isdigit():
+        stats.skip("cls not an integer", key, path, f"cls is {members['cls'][:20]!r}")
+        return None
+    label = int(text)
+    if num_classes is not None and label >= num_classes:
+        stats.skip("label out of range", key, path, f"{label} not in [0, {num_classes})")
+        return None
+    stats.samples += 1
+    offset, size = members["jpg"]
+    return key, offset, size, label
+
+
+class _OpenFiles:
+    """A thread-safe LRU of open shard files, read with ``os.pread``; a file evicted while a
+    thread reads it is closed when that read ends."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._open: collections.OrderedDict[str, list] = collections.OrderedDict()  # [file, users]
+
+    def read(self, path: str, offset: int, size: int) -> bytes:
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is None:
+                entry = self._open[path] = [open(path, "rb", buffering=0), 0]  # noqa: SIM115
+                while len(self._open) > self._capacity:
+                    _, old = self._open.popitem(last=False)
+                    if old[1] == 0:
+                        old[0].close()
+            else:
+                self._open.move_to_end(path)
+            entry[1] += 1
+        try:
+            data = os.pread(entry[0].fileno(), size, offset)
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0 and self._open.get(path) is not entry:
+                    entry[0].close()
+        if len(data) != size:
+            raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            for file, users in self._open.values():
+                if users == 0:
+                    file.close()
+            self._open.clear()
+
+
+# ---------------------------------------------------------------- batches
 
 
 class ShardBatches:
-    """Batches of ``(images, labels)`` from the shards named by ``pattern``.
+    """Batches (:class:`Batch`) of one data-parallel replica from the shards named by
+    ``pattern``; see the module docstring for the scheme.
 
-    ``images`` is a (B, 3, crop, crop) uint8 tensor, ``labels`` a (B,) int64 tensor. Training
-    batches are shuffled and augmented (:class:`TrainTransform`); evaluation batches come in
-    shard order, centre-cropped (:class:`EvalTransform`).
-
-    Pickling keeps only the settings: a copy reads the shards again on first use.
+    Pickling keeps the settings and the index (not open files nor the load-time bad list).
     """
 
     def __init__(
@@ -48,108 +296,293 @@ class ShardBatches:
         seed: int,
         resize: int = 256,
         crop: int = 224,
-        drop_last: bool | None = None,
+        replica: int = 0,
+        replicas: int = 1,
+        lighting: str | None = "paper",
+        views: int = 1,
+        num_classes: int | None = None,
+        max_bad_fraction: float = 0.001,
         num_threads: int = 1,
     ) -> None:
         """
         Args:
             pattern: Shard pattern, see :func:`data.shards.expand_shards`.
-            batch_size: Samples per batch.
-            train: Shuffle and augment (True) or keep order and centre-crop (False).
+            batch_size: Samples per batch of this replica.
+            train: Shuffle, augment and drop the remainder (True), or keep index order,
+                take fixed views and pad (False).
             seed: Seed of the order and of every augmentation draw; an int >= 0.
             resize: Side of the square the shorter side is rescaled and centre-cropped to.
             crop: Side of the crop the network sees.
-            drop_last: Drop the last partial batch. Default: True when training (every batch
-                full), False for evaluation (every sample scored).
-            num_threads: Threads that decode and transform a batch (1: the calling thread).
+            replica: This data-parallel replica, in ``[0, replicas)``.
+            replicas: Data-parallel replicas; each reads a disjoint share of every epoch.
+            lighting: PCA colour noise variant (``"paper"``, ``"cuda-convnet-2012"``) or None;
+                only used when training.
+            views: Evaluation views: 1 (centre crop) or 10 (corners, centre and their flips).
+            num_classes: When given, a label outside ``[0, num_classes)`` is a bad sample.
+            max_bad_fraction: Largest tolerated share of bad samples, in [0, 1].
+            num_threads: Threads that scan shards and decode a batch (1: the calling thread).
         """
-        if batch_size < 1 or num_threads < 1 or seed < 0:
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seed", seed, 0)
+        _check_int("replicas", replicas, 1)
+        _check_int("num_threads", num_threads, 1)
+        _check_int("replica", replica, 0)
+        if replica >= replicas:
+            raise ValueError(f"replica must be in [0, replicas={replicas}), got {replica}")
+        if lighting is not None and lighting not in LIGHTING_VARIANTS:
             raise ValueError(
-                f"need batch_size >= 1, num_threads >= 1 and seed >= 0; "
-                f"got batch_size={batch_size}, num_threads={num_threads}, seed={seed}"
+                f"lighting must be None or one of {', '.join(LIGHTING_VARIANTS)}, got {lighting!r}"
             )
+        if views not in (1, 10):
+            raise ValueError(f"views must be 1 or 10, got {views!r}")
+        if train and views != 1:
+            raise ValueError(f"views={views} is for evaluation; training takes one random view")
+        if num_classes is not None:
+            _check_int("num_classes", num_classes, 1)
+        if isinstance(max_bad_fraction, bool) or not (
+            isinstance(max_bad_fraction, (int, float)) and 0.0 <= max_bad_fraction <= 1.0
+        ):
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
         self.pattern, self.batch_size, self.train, self.seed = pattern, batch_size, train, seed
-        self.drop_last = train if drop_last is None else drop_last
-        self.num_threads = num_threads
+        self.replica, self.replicas = replica, replicas
+        self.lighting = lighting if train else None
+        self.views, self.num_classes = views, num_classes
+        self.max_bad_fraction, self.num_threads = float(max_bad_fraction), num_threads
+        self.resize, self.crop = resize, crop
         self._train_view = TrainTransform(resize, crop)
-        self._eval_view = EvalTransform(resize, crop)
-        self.crop = crop
-        self._load()
-        if self.batches_per_epoch == 0:
+        self._eval_view = (
+            EvalTransform(resize, crop) if views == 1 else TenViewTransform(resize, crop)
+        )
+        self._build_index(expand_shards(pattern))
+        self._init_runtime()
+        if self.train and self.batches_per_epoch == 0:
             raise ValueError(
-                f"{self.num_samples} samples in {pattern!r} make no full batch of {batch_size}; "
-                f"lower batch_size or pass drop_last=False"
+                f"{self.num_samples} samples in {pattern!r} make no full batch of {batch_size} "
+                f"for each of {replicas} replica(s); lower batch_size"
             )
 
-    # ------------------------------------------------------------ loading
+    # ------------------------------------------------------------ index
 
-    def _load(self) -> None:
-        """Read every sample's key, encoded bytes and label into memory."""
-        self.read_stats = ReadStats()
-        samples = list(read_samples(expand_shards(self.pattern), self.read_stats))
-        if not samples:
-            raise ValueError(f"shard pattern {self.pattern!r} holds no readable samples")
+    def _build_index(self, paths: list[str]) -> None:
+        """Scan every shard; fill the index arrays, read_stats and the fingerprint."""
+        self._paths = paths
+        with self._mapper() as map_fn:
+            scans = list(map_fn(self._scan_one, paths))
+        self.read_stats = IndexStats()
+        keys, shards, offsets, sizes, labels = [], [], [], [], []
+        for shard, (entries, stats) in enumerate(scans):
+            self.read_stats.merge(stats)
+            for key, offset, size, label in entries:
+                keys.append(key.encode("utf-8", "surrogateescape"))
+                shards.append(shard)
+                offsets.append(offset)
+                sizes.append(size)
+                labels.append(label)
+        self._keys = np.array(keys, dtype=np.bytes_)  # (N,) only for messages
+        self._shards = np.array(shards, dtype=np.int32)  # (N,) into self._paths
+        self._offsets = np.array(offsets, dtype=np.int64)  # (N,) byte offset of the image
+        self._sizes = np.array(sizes, dtype=np.int64)  # (N,) image bytes
+        self._labels = torch.tensor(labels, dtype=torch.int64)  # (N,)
+        self._total = self.num_samples + self.read_stats.skipped  # every sample found
+        digest = hashlib.sha256()
+        for path in paths:
+            digest.update(f"{os.path.basename(path)}\0".encode())
+        for array in (self._keys, self._shards, self._offsets, self._sizes, self._labels.numpy()):
+            digest.update(array.tobytes())
+        self.fingerprint = digest.hexdigest()[:16]
         if self.read_stats.skipped:
-            log.warning("%s: skipped %d bad samples", self.pattern, self.read_stats.skipped)
-        self._keys = [key for key, _, _ in samples]
-        self._jpgs = [jpg for _, jpg, _ in samples]
-        self._labels = torch.tensor([cls for _, _, cls in samples], dtype=torch.int64)  # (N,)
+            log.warning(
+                "%s: %d good samples; skipped %s",
+                self.pattern,
+                self.num_samples,
+                self.read_stats.summary(),
+            )
+        self._check_bad_fraction()
+        if self.num_samples == 0:
+            raise ValueError(f"shard pattern {self.pattern!r} holds no readable samples")
 
-    def _ensure_loaded(self) -> None:
-        if self._jpgs is None:
-            self._load()
+    def _scan_one(self, path: str) -> tuple[list, IndexStats]:
+        stats = IndexStats()
+        return scan_shard(path, stats, self.num_classes), stats
+
+    def _check_bad_fraction(self) -> None:
+        """Raise DataError when the bad samples found so far exceed max_bad_fraction."""
+        bad, total = self.read_stats.skipped, max(self._total, 1)
+        if bad / total > self.max_bad_fraction:
+            raise DataError(
+                f"{self.pattern!r}: {bad} of {total} samples are bad ({bad / total:.2%}; "
+                f"{self.read_stats.summary()}), more than max_bad_fraction="
+                f"{self.max_bad_fraction:g}; fix the shards or raise max_bad_fraction"
+            )
+
+    def _init_runtime(self) -> None:
+        self._files = _OpenFiles(max(_OPEN_FILES, 2 * self.num_threads))
+        self._lock = threading.Lock()
+        self._bad: dict[int, str] = {}  # index → reason, for samples that failed at load time
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_keys=None, _jpgs=None, _labels=None)
+        for name in ("_files", "_lock", "_bad"):
+            del state[name]
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def close(self) -> None:
+        """Close the open shard files (reading again reopens them)."""
+        self._files.close()
 
     # ------------------------------------------------------------ sizes
 
     @property
     def num_samples(self) -> int:
-        """Readable samples in the shards."""
-        self._ensure_loaded()
-        return len(self._jpgs)
+        """Good samples in the index (N)."""
+        return len(self._labels)
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches that :meth:`epoch_batches` yields."""
-        whole, rest = divmod(self.num_samples, self.batch_size)
-        return whole + (1 if rest and not self.drop_last else 0)
+        """Batches :meth:`epoch_batches` yields per epoch; the same for every replica."""
+        per_step = self.replicas * self.batch_size
+        if self.train:
+            return self.num_samples // per_step
+        return math.ceil(self.num_samples / per_step)
 
-    # ------------------------------------------------------------ batches
+    # ------------------------------------------------------------ order
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Sample indices in the order epoch ``epoch`` visits them: (N,) int64."""
-        self._ensure_loaded()
+        """Sample indices in the order epoch ``epoch`` visits them, all replicas together: (N,)."""
         if not self.train:
             return np.arange(self.num_samples)
         entropy = np.random.SeedSequence([self.seed, epoch], spawn_key=_ORDER_STREAM)
         return np.random.default_rng(entropy).permutation(self.num_samples)
 
-    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(images (B, 3, crop, crop) uint8, labels (B,) int64)`` for epoch ``epoch``."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        order = self.epoch_order(epoch)
-        with self._mapper() as map_fn:
-            for start in range(0, self.batches_per_epoch * self.batch_size, self.batch_size):
-                indices = order[start : start + self.batch_size]  # (B,)
-                images = torch.empty((len(indices), 3, self.crop, self.crop), dtype=torch.uint8)
-                for row, view in enumerate(map_fn(lambda i: self._view(int(i), epoch), indices)):
-                    images[row] = view  # (3, crop, crop)
-                yield images, self._labels[torch.from_numpy(indices)]
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """Planned sample index of every row of this replica's epoch:
+        (batches_per_epoch, batch_size) int64, -1 for evaluation padding (before any
+        load-time substitution)."""
+        return self._plan(epoch)[2]
 
-    def _view(self, index: int, epoch: int) -> torch.Tensor:
-        """Decode sample ``index`` and make its (3, crop, crop) uint8 view for ``epoch``."""
-        try:
-            image = decode_rgb(self._jpgs[index])  # (H, W, 3)
-        except ValueError as err:
-            raise ValueError(f"sample {self._keys[index]!r} in {self.pattern!r}: {err}") from err
+    def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order (N,), positions in order (batches, B), indices (batches, B)); -1 = padding."""
+        order = self.epoch_order(epoch)
+        batches, size = self.batches_per_epoch, self.batch_size
+        positions = np.arange(self.replica, self.num_samples, self.replicas)
+        slots = batches * size
+        if len(positions) >= slots:
+            positions = positions[:slots]
+        else:  # evaluation: pad this replica's share to the common batch count
+            positions = np.concatenate([positions, np.full(slots - len(positions), -1)])
+        positions = positions.reshape(batches, size)
+        indices = np.where(positions >= 0, order[np.maximum(positions, 0)], -1)
+        return order, positions, indices
+
+    # ------------------------------------------------------------ batches
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """Yield this replica's batches ``start_batch, start_batch + 1, ...`` of epoch ``epoch``."""
+        _check_int("epoch", epoch, 0)
+        _check_int("start_batch", start_batch, 0)
+        if start_batch > self.batches_per_epoch:
+            raise ValueError(
+                f"start_batch must be <= batches_per_epoch={self.batches_per_epoch}, "
+                f"got {start_batch}"
+            )
+        order, positions, indices = self._plan(epoch)
+        with self._mapper() as map_fn:
+            for b in range(start_batch, self.batches_per_epoch):
+                yield self._batch(epoch, b, order, positions[b], indices[b], map_fn)
+
+    def _batch(
+        self,
+        epoch: int,
+        b: int,
+        order: np.ndarray,
+        positions: np.ndarray,
+        indices: np.ndarray,
+        map_fn: Callable,
+    ) -> Batch:
+        size = self.batch_size
+        shape = (
+            (size, 10, 3, self.crop, self.crop)
+            if self.views == 10
+            else (size, 3, self.crop, self.crop)
+        )
+        images = (torch.empty if self.train else torch.zeros)(shape, dtype=torch.uint8)
+
+        def fill(row: int) -> tuple[int, np.ndarray | None, float]:
+            return self._fill(images, row, int(indices[row]), int(positions[row]), order, epoch)
+
+        rows = list(map_fn(fill, range(size)))
+        used = torch.tensor([index for index, _, _ in rows], dtype=torch.int64)  # (B,)
+        labels = torch.where(used >= 0, self._labels[used.clamp(min=0)], 0)  # (B,)
+        lighting = None
+        if self.lighting is not None:
+            lighting = torch.from_numpy(np.stack([shift for _, shift, _ in rows]))  # (B, 3)
+        weights = torch.tensor([w for _, _, w in rows], dtype=torch.float32)  # (B,)
+        return Batch(
+            images, labels, lighting, None if bool(weights.all()) else weights, epoch, b, used
+        )
+
+    def _fill(
+        self,
+        images: torch.Tensor,
+        row: int,
+        index: int,
+        position: int,
+        order: np.ndarray,
+        epoch: int,
+    ) -> tuple[int, np.ndarray | None, float]:
+        """Write row ``row``'s view into ``images``; return (sample index used, lighting
+        offset or None, weight)."""
+        if index < 0:  # evaluation padding
+            return -1, None, 0.0
         if not self.train:
-            return self._eval_view(image)
-        return self._train_view(image, np.random.default_rng([self.seed, epoch, index]))
+            image = self._image(index)
+            if image is None:
+                return index, None, 0.0
+            images[row] = self._eval_view(image)
+            return index, None, 1.0
+        for step in range(self.num_samples):  # substitute a bad sample by the next good one
+            index = int(order[(position + step) % self.num_samples])
+            image = self._image(index)
+            if image is not None:
+                break
+        else:
+            raise DataError(
+                f"{self.pattern!r}: no sample decodes ({self.read_stats.summary()}); "
+                f"max_bad_fraction={self.max_bad_fraction:g} let it get this far"
+            )
+        rng = np.random.default_rng([self.seed, epoch, index])
+        images[row] = self._train_view(image, rng)  # draws top, left, flip
+        shift = pca_lighting_offset(rng, self.lighting) if self.lighting is not None else None
+        return index, shift, 1.0
+
+    def _image(self, index: int) -> np.ndarray | None:
+        """Sample ``index`` decoded to (H, W, 3) uint8, or None when it cannot be (counted)."""
+        if index in self._bad:
+            return None
+        path = self._paths[int(self._shards[index])]
+        try:
+            data = self._files.read(path, int(self._offsets[index]), int(self._sizes[index]))
+        except OSError as err:
+            self._count_bad(index, "unreadable image", path, str(err))
+            return None
+        try:
+            return decode_rgb(data)
+        except ValueError as err:
+            self._count_bad(index, "undecodable image", path, str(err))
+            return None
+
+    def _count_bad(self, index: int, reason: str, path: str, detail: str) -> None:
+        with self._lock:
+            if index in self._bad:
+                return
+            self._bad[index] = reason
+            key = self._keys[index].decode("utf-8", "surrogateescape")
+            self.read_stats.skip(reason, key, path, detail)
+            self._check_bad_fraction()
 
     @contextlib.contextmanager
     def _mapper(self) -> Iterator[Callable[[Callable, Iterable], Iterable]]:
@@ -160,8 +593,81 @@ class ShardBatches:
         with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
             yield pool.map
 
+    # ------------------------------------------------------------ resume
+
+    def _identity(self) -> dict:
+        """What a saved position is only valid for."""
+        return {
+            "seed": self.seed,
+            "train": self.train,
+            "replica": self.replica,
+            "replicas": self.replicas,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "fingerprint": self.fingerprint,
+        }
+
+    def state_dict(self, epoch: int, next_batch: int) -> dict:
+        """The loader's position as a small JSON-able dict: epoch ``epoch``, next batch
+        ``next_batch`` (``batches_per_epoch`` = the epoch is done), plus this reader's identity."""
+        _check_int("epoch", epoch, 0)
+        _check_int("next_batch", next_batch, 0)
+        if next_batch > self.batches_per_epoch:
+            raise ValueError(
+                f"next_batch must be <= batches_per_epoch={self.batches_per_epoch}, "
+                f"got {next_batch}"
+            )
+        return {
+            "format": _STATE_FORMAT,
+            "epoch": epoch,
+            "next_batch": next_batch,
+            **self._identity(),
+        }
+
+    def check_state(self, state: Mapping) -> tuple[int, int]:
+        """Check a :meth:`state_dict` against this reader; return ``(epoch, next_batch)``.
+
+        Raises:
+            ValueError: one line naming every field that differs (another dataset, seed,
+                replica layout or batch size), or a malformed state.
+        """
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            got = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a {_STATE_FORMAT} loader state (format {got!r})")
+        diffs = [
+            f"{name} {state.get(name)!r} != {ours!r}"
+            for name, ours in self._identity().items()
+            if state.get(name) != ours
+        ]
+        if diffs:
+            raise ValueError(
+                f"loader state does not match this reader (saved vs now: {'; '.join(diffs)})"
+            )
+        epoch, next_batch = state.get("epoch"), state.get("next_batch")
+        if not (
+            _is_int(epoch)
+            and _is_int(next_batch)
+            and epoch >= 0
+            and 0 <= next_batch <= self.batches_per_epoch
+        ):
+            raise ValueError(
+                f"loader state has a bad position: epoch={epoch!r}, next_batch={next_batch!r}"
+            )
+        return epoch, next_batch
+
     def __repr__(self) -> str:
         return (
             f"ShardBatches({self.pattern!r}, batch_size={self.batch_size}, train={self.train}, "
-            f"seed={self.seed}, samples={self.num_samples}, batches={self.batches_per_epoch})"
+            f"seed={self.seed}, replica={self.replica}/{self.replicas}, "
+            f"samples={self.num_samples}, batches={self.batches_per_epoch})"
         )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    """Raise a one-line ValueError unless ``value`` is an int >= ``minimum``."""
+    if not _is_int(value) or value < minimum:  # type: ignore[operator]
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

@@ -2,7 +2,8 @@
 
 A shard is a plain (uncompressed) tar file in the WebDataset layout: the members of one sample
 share a key and differ by extension, here ``{key}.jpg`` (encoded image bytes) and ``{key}.cls``
-(the class index as ASCII decimal). Shards are named ``{prefix}-{000000..}.tar``.
+(the class index as ASCII decimal), plus any extra members a writer adds (e.g. ``{key}.json``),
+which readers here ignore. Shards are named ``{prefix}-{000000..}.tar``.
 
 Reading never crashes on bad data and never yields a wrong label: a sample whose tar members are
 corrupt, that lacks ``jpg`` or ``cls``, whose ``cls`` is not a non-negative integer, or whose
@@ -19,13 +20,20 @@ import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import simplejpeg
 import webdataset
 from PIL import Image
 
-__all__ = ["ReadStats", "expand_shards", "looks_like_image", "read_samples", "write_shards"]
+__all__ = [
+    "ReadStats",
+    "expand_shards",
+    "looks_like_image",
+    "read_samples",
+    "write_shard",
+    "write_shards",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +41,19 @@ _JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker and the first byte of the n
 _JPEG_EOI = b"\xff\xd9"  # end-of-image marker
 _EOI_SEARCH_BYTES = 4096  # tolerate a little padding after EOI, as some encoders leave
 _IMAGE_SUFFIXES = ("jpg", "jpeg")  # accepted names of the image member
+_RESERVED_MEMBERS = (*_IMAGE_SUFFIXES, "cls")  # names that extra members may not take
+
+# One sample to write: (key, jpg, cls), or (key, jpg, cls, extra) where extra maps further member
+# extensions to their bytes, e.g. {"json": b'{"wnid": "n01440764"}'}.
+Sample = tuple[str, bytes, int] | tuple[str, bytes, int, Mapping[str, bytes]]
+_Checked = tuple[str, bytes, int, dict[str, bytes]]  # a validated sample, extra always present
 
 
 # ---------------------------------------------------------------- writing
 
 
 def write_shards(
-    samples: Iterable[tuple[str, bytes, int]],
+    samples: Iterable[Sample],
     out_dir: str,
     prefix: str,
     samples_per_shard: int,
@@ -51,8 +65,10 @@ def write_shards(
     (mtime 0), so the same samples always give byte-identical shards.
 
     Args:
-        samples: ``(key, jpg, cls)`` triples; ``key`` must be unique, non-empty and contain no
-            ``.`` (WebDataset splits the key from the extension at the first dot) nor ``/``.
+        samples: ``(key, jpg, cls)`` triples, or ``(key, jpg, cls, extra)`` where ``extra``
+            maps further member extensions to bytes (written as ``{key}.{ext}``); ``key`` must
+            be unique, non-empty and contain no ``.`` (WebDataset splits the key from the
+            extension at the first dot) nor ``/``.
         out_dir: Directory for the shards; created if missing.
         prefix: Shard name prefix, e.g. ``"train"``.
         samples_per_shard: Samples per shard (the last shard may hold fewer).
@@ -64,38 +80,58 @@ def write_shards(
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     os.makedirs(out_dir, exist_ok=True)
     paths: list[str] = []
-    batch: list[tuple[str, bytes, int]] = []
+    batch: list[_Checked] = []
     for sample in samples:
         batch.append(_checked_sample(sample))
         if len(batch) == samples_per_shard:
-            paths.append(_write_one_shard(batch, out_dir, f"{prefix}-{len(paths):06d}.tar"))
+            name = f"{prefix}-{len(paths):06d}.tar"
+            paths.append(_write_one_shard(batch, os.path.join(out_dir, name)))
             batch = []
     if batch:
-        paths.append(_write_one_shard(batch, out_dir, f"{prefix}-{len(paths):06d}.tar"))
+        name = f"{prefix}-{len(paths):06d}.tar"
+        paths.append(_write_one_shard(batch, os.path.join(out_dir, name)))
     return paths
 
 
-def _checked_sample(sample: tuple[str, bytes, int]) -> tuple[str, bytes, int]:
-    """Validate one ``(key, jpg, cls)`` triple before it is written."""
-    key, jpg, cls = sample
+def write_shard(samples: Iterable[Sample], path: str) -> str:
+    """Write all ``samples`` into the one shard ``path``, atomically (see :func:`write_shards`).
+
+    ``samples`` take the same forms as in :func:`write_shards`; none at all gives an empty
+    (but valid) tar. The parent directory must exist. Returns ``path``.
+    """
+    return _write_one_shard([_checked_sample(s) for s in samples], path)
+
+
+def _checked_sample(sample: Sample) -> _Checked:
+    """Validate one ``(key, jpg, cls[, extra])`` sample before it is written."""
+    if len(sample) not in (3, 4):
+        raise ValueError(f"a sample is (key, jpg, cls[, extra]), got {len(sample)} fields")
+    key, jpg, cls = sample[:3]
+    extra = sample[3] if len(sample) == 4 else {}
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
     if not isinstance(jpg, (bytes, bytearray, memoryview)):
         raise ValueError(f"sample {key!r}: jpg must be bytes, got {type(jpg).__name__}")
     if isinstance(cls, bool) or not isinstance(cls, int) or cls < 0:
         raise ValueError(f"sample {key!r}: cls must be an int >= 0, got {cls!r}")
-    return key, bytes(jpg), cls
+    for ext, data in extra.items():
+        if not ext or ext.startswith("_") or "/" in ext or ext.lower() in _RESERVED_MEMBERS:
+            raise ValueError(f"sample {key!r}: bad extra member name {ext!r}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"sample {key!r}: extra member {ext!r} must be bytes")
+    return key, bytes(jpg), cls, {ext: bytes(data) for ext, data in extra.items()}
 
 
-def _write_one_shard(batch: list[tuple[str, bytes, int]], out_dir: str, name: str) -> str:
-    """Write ``batch`` to ``out_dir/.name.tmp-<pid>``, then rename it to ``out_dir/name``."""
-    final = os.path.join(out_dir, name)
+def _write_one_shard(batch: list[_Checked], final: str) -> str:
+    """Write ``batch`` to ``.{name}.tmp-<pid>`` beside ``final``, then rename it to ``final``."""
+    out_dir, name = os.path.split(final)
     tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as stream:
             with webdataset.TarWriter(stream, encoder=False, mtime=0) as writer:
-                for key, jpg, cls in batch:
-                    writer.write({"__key__": key, "jpg": jpg, "cls": str(cls).encode("ascii")})
+                for key, jpg, cls, extra in batch:
+                    cls_bytes = str(cls).encode("ascii")
+                    writer.write({**extra, "__key__": key, "jpg": jpg, "cls": cls_bytes})
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, final)

@@ -295,23 +295,23 @@ def test_normalize_batch_subtracts_only_the_mean() -> None:
 
 
 def _epoch(batches: ShardBatches, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = list(batches.epoch_batches(epoch))
-    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+    batches = list(batches.epoch_batches(epoch))
+    return torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches])
 
 
 def test_train_batches_are_deterministic(demo: DemoDataset) -> None:
     small = dict(train=True, seed=5, resize=64, crop=56)
     a = ShardBatches(demo.train_pattern, 16, **small)
-    # 40 samples, batches of 16, drop_last: 2 batches, the last 8 samples of the order dropped.
+    # 40 samples, batches of 16: 2 full batches; the last 8 samples of the order are the remainder.
     assert (a.num_samples, a.batches_per_epoch) == (40, 2)
-    pairs = list(a.epoch_batches(0))
-    assert [(x.shape, x.dtype, y.shape, y.dtype) for x, y in pairs] == [
+    batches = list(a.epoch_batches(0))
+    assert [(b.images.shape, b.images.dtype, b.labels.shape, b.labels.dtype) for b in batches] == [
         ((16, 3, 56, 56), torch.uint8, (16,), torch.int64)
     ] * 2
     labels = torch.tensor([c for _, _, c in _all_samples(demo.train_pattern)])
     order = a.epoch_order(0)
     assert sorted(order.tolist()) == list(range(40))  # each sample once per epoch
-    assert torch.equal(torch.cat([y for _, y in pairs]), labels[order[:32]])
+    assert torch.equal(torch.cat([b.labels for b in batches]), labels[order[:32]])
     # Same (seed, epoch): same batches, whatever the instance, thread count or batch size.
     images, _ = _epoch(a, 0)
     for batch_size, threads in [(16, 1), (16, 2), (8, 1)]:
@@ -322,23 +322,28 @@ def test_train_batches_are_deterministic(demo: DemoDataset) -> None:
     assert not np.array_equal(a.epoch_order(1), order)
 
 
-def test_eval_batches_keep_order_and_the_last_partial_batch(demo: DemoDataset) -> None:
+def test_eval_batches_keep_order_and_pad_the_last_batch(demo: DemoDataset) -> None:
     b = ShardBatches(demo.val_pattern, 8, train=False, seed=0)
-    # 20 samples in batches of 8: 8 + 8 + 4.
+    # 20 samples in batches of 8: 8 + 8 + 4, the last padded to 8 with weight-0 rows.
     assert b.batches_per_epoch == 3
-    pairs = list(b.epoch_batches(0))
-    assert [len(y) for _, y in pairs] == [8, 8, 4]
-    assert pairs[0][0].shape == (8, 3, 224, 224)
+    batches = list(b.epoch_batches(0))
+    assert [len(x.labels) for x in batches] == [8, 8, 8]
+    assert batches[0].images.shape == (8, 3, 224, 224)
+    assert batches[0].weights is None and batches[1].weights is None
+    assert batches[2].weights.tolist() == [1.0] * 4 + [0.0] * 4
+    assert not batches[2].images[4:].any()  # padding rows are zero images
     labels = [c for _, _, c in _all_samples(demo.val_pattern)]
-    assert torch.cat([y for _, y in pairs]).tolist() == labels
+    assert torch.cat([x.labels for x in batches])[:20].tolist() == labels  # every sample, in order
     assert torch.equal(_epoch(b, 0)[0], _epoch(b, 7)[0])  # the epoch changes nothing
 
 
 def test_too_few_samples_for_one_batch(demo: DemoDataset) -> None:
     with pytest.raises(ValueError, match="no full batch"):
         ShardBatches(demo.val_pattern, 64, train=True, seed=0)
-    kept = ShardBatches(demo.val_pattern, 64, train=True, seed=0, drop_last=False)
+    kept = ShardBatches(demo.val_pattern, 64, train=False, seed=0)  # evaluation pads instead
     assert kept.batches_per_epoch == 1
+    (batch,) = kept.epoch_batches(0)
+    assert batch.weights.sum().item() == 20
 
 
 # ---------------------------------------------------------------- import rule

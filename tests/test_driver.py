@@ -2,6 +2,7 @@
 evaluates and checkpoints; an actor's exception reaches the user with its traceback; every
 listener of a local run is on 127.0.0.1; nothing is left running."""
 
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import ray
 
 from cluster import checkpoint, localnet
 from cluster.driver import main
+from cluster.worker import INJECT_FAILURE_ENV
 from raytools import REPO, short_tmpdir
 
 DRIVER = [sys.executable, str(REPO / "cluster" / "driver.py")]
@@ -105,6 +107,7 @@ def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, cap
     directory = tmp_path / "run" / "checkpoint-00000002"
     manifest = checkpoint.read_manifest(str(directory))
     assert manifest["step"] == 2 and manifest["mesh"] == {"replicas": 1, "stages": 1, "towers": 2}
+    assert (manifest["loader"]["epoch"], manifest["loader"]["next_batch"]) == (0, 2)  # resume: batch 2 next
     assert [s["file"] for s in manifest["shards"]] == ["rank00000.pt", "rank00001.pt"]
     for shard in manifest["shards"]:
         assert checkpoint.sha256_file(str(directory / shard["file"])) == shard["sha256"]
@@ -114,13 +117,23 @@ def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, cap
 
 @pytest.mark.timeout(300)
 def test_actor_exception_surfaces_with_traceback_and_nonzero_exit(tiny_demo, tmp_path):
-    # labels go up to 9 but the network is told there are 5 classes: the actor raises
-    proc = subprocess.Popen(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", "--num-classes", "5"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # rank 1 raises at its third step while rank 0 waits for it in a collective: the driver must
+    # report rank 1's error at once (not wait out the collective timeout) and leave nothing behind
+    env = {**os.environ, INJECT_FAILURE_ENV: "1:2"}
+    proc = subprocess.Popen(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run"), env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, out[-2000:] + err[-2000:]
     assert_nothing_left(proc.pid)
     assert "error: training failed" in err
     assert re.search(r"File \".*cluster/worker.py\", line \d+, in train_step", err), err[-3000:]
-    assert "labels must be in [0, 5) for num_classes 5" in err
+    assert "failure injected by ALEXNET_INJECT_FAILURE at rank 1, step 2" in err
+    assert "step 2/7" in out and "step 4/7" not in out
+
+
+def test_labels_outside_the_class_range_stop_the_run_before_any_actor(tiny_demo, tmp_path, capsys):
+    # the demo labels go up to 9; told there are 5 classes, half the samples are bad
+    assert main(tiny_run_args(tiny_demo, tmp_path / "run", "--num-classes", "5")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_bad_fraction" in err and "label out of range" in err and len(err.splitlines()) == 1
+    assert not ray.is_initialized()

@@ -87,6 +87,7 @@ import torch
 
 from data.shards import (
     _IMAGE_SUFFIXES,
+    label_problem,
     ReadStats,
     _only_zeros_after,
     _split_member_name,
@@ -218,23 +219,13 @@ def _index_entry(
     key: str, members: dict, path: str, stats: IndexStats, num_classes: int | None
 ) -> tuple[str, int, int, int] | None:
     """The index entry of one sample's members, or None after counting why it is skipped."""
-    if "jpg" not in members:
-        stats.skip("missing jpg", key, path)
-        return None
-    if "cls" not in members:
-        stats.skip("missing cls", key, path)
-        return None
-    text = members["cls"].strip()
-    if not text.isdigit():
-        stats.skip("cls not an integer", key, path, f"cls is {members['cls'][:20]!r}")
-        return None
-    label = int(text)
-    if num_classes is not None and label >= num_classes:
-        stats.skip("label out of range", key, path, f"{label} not in [0, {num_classes})")
+    problem = label_problem(members, num_classes)
+    if problem is not None:
+        stats.skip(problem[0], key, path, problem[1])
         return None
     stats.samples += 1
     offset, size = members["jpg"]
-    return key, offset, size, label
+    return key, offset, size, int(members["cls"].strip())
 
 
 class _OpenFiles:

@@ -289,26 +289,39 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem) if directory else stem, suffix.lower()
 
 
+def label_problem(members: dict, num_classes: int | None = None) -> tuple[str, str] | None:
+    """Why a sample's members cannot make a training sample — (reason, detail) — or None.
+
+    ``members`` maps member suffixes to their contents (or anything, for the image); the reasons
+    are fixed names, so they can be counted: ``missing jpg``, ``missing cls``, ``cls not an
+    integer``, ``label out of range`` (``cls >= num_classes``, when ``num_classes`` is given).
+    """
+    if not any(suffix in members for suffix in _IMAGE_SUFFIXES):
+        return "missing jpg", ""
+    if "cls" not in members:
+        return "missing cls", ""
+    text = members["cls"].strip()
+    if not text.isdigit():
+        return "cls not an integer", f"cls is {members['cls'][:20]!r}"
+    if num_classes is not None and int(text) >= num_classes:
+        return "label out of range", f"{int(text)} not in [0, {num_classes})"
+    return None
+
+
 def _complete_sample(
     key: str, members: dict[str, bytes], path: str, stats: ReadStats
 ) -> tuple[str, bytes, int] | None:
     """Return the sample if it has a recognisable image and a valid label, else count a skip."""
-    jpg = next((members[s] for s in _IMAGE_SUFFIXES if s in members), None)
-    if jpg is None:
-        stats.skip("missing jpg", key, path)
+    problem = label_problem(members)
+    if problem is not None:
+        stats.skip(problem[0], key, path)
         return None
-    if "cls" not in members:
-        stats.skip("missing cls", key, path)
-        return None
-    text = members["cls"].strip()
-    if not text.isdigit():
-        stats.skip(f"cls {members['cls'][:20]!r} is not an integer >= 0", key, path)
-        return None
+    jpg = next(members[s] for s in _IMAGE_SUFFIXES if s in members)
     if not looks_like_image(jpg):
         stats.skip("jpg is not a recognisable, complete image", key, path)
         return None
     stats.samples += 1
-    return key, jpg, int(text)
+    return key, jpg, int(members["cls"].strip())
 
 
 def looks_like_image(data: bytes) -> bool:

@@ -93,17 +93,25 @@ def _to_chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
-class TrainTransform:
+class _CropTransform:
+    """``crop``×``crop`` views of the ``resize``×``resize`` square (see the module docstring)."""
+
+    def __init__(self, resize: int = 256, crop: int = 224) -> None:
+        if not 0 < crop <= resize:
+            raise ValueError(f"crop must be in 1..resize={resize}, got {crop}")
+        self.resize, self.crop = resize, crop
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(resize={self.resize}, crop={self.crop})"
+
+
+class TrainTransform(_CropTransform):
     """Training view: 256 square, random ``crop`` patch, random horizontal flip.
 
     Every random choice comes from the ``rng`` passed in, drawn in a fixed order (top, left,
     flip), so the same generator state gives the same view.
     """
 
-    def __init__(self, resize: int = 256, crop: int = 224) -> None:
-        if not 0 < crop <= resize:
-            raise ValueError(f"crop must be in 1..resize={resize}, got {crop}")
-        self.resize, self.crop = resize, crop
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor."""
@@ -115,9 +123,6 @@ class TrainTransform:
             patch = patch[:, ::-1]
         return _to_chw(patch)
 
-    def __repr__(self) -> str:
-        return f"TrainTransform(resize={self.resize}, crop={self.crop})"
-
 
 def pca_lighting_offset(rng: np.random.Generator, variant: str = "paper") -> np.ndarray:
     """One image's colour shift: [p1 p2 p3]·[α1·s1, α2·s2, α3·s3]ᵀ, α ~ N(0, 0.1) drawn from
@@ -128,13 +133,9 @@ def pca_lighting_offset(rng: np.random.Generator, variant: str = "paper") -> np.
     return (PCA_EIGENVECTORS @ (alphas * PCA_SCALES[variant])).astype(np.float32)
 
 
-class EvalTransform:
+class EvalTransform(_CropTransform):
     """Evaluation view: 256 square, centre ``crop`` patch. Deterministic."""
 
-    def __init__(self, resize: int = 256, crop: int = 224) -> None:
-        if not 0 < crop <= resize:
-            raise ValueError(f"crop must be in 1..resize={resize}, got {crop}")
-        self.resize, self.crop = resize, crop
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor."""
@@ -142,18 +143,11 @@ class EvalTransform:
         offset = (self.resize - self.crop) // 2
         return _to_chw(square[offset : offset + self.crop, offset : offset + self.crop])
 
-    def __repr__(self) -> str:
-        return f"EvalTransform(resize={self.resize}, crop={self.crop})"
 
-
-class TenViewTransform:
+class TenViewTransform(_CropTransform):
     """The paper's test views (§4.1): the four corner and the centre ``crop`` patches of the 256
     square, then the same five flipped. Deterministic; the network's softmax is averaged over them."""
 
-    def __init__(self, resize: int = 256, crop: int = 224) -> None:
-        if not 0 < crop <= resize:
-            raise ValueError(f"crop must be in 1..resize={resize}, got {crop}")
-        self.resize, self.crop = resize, crop
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 → (10, 3, crop, crop) uint8 tensor: TL, TR, BL, BR, centre, then flips."""
@@ -163,9 +157,6 @@ class TenViewTransform:
         views = [square[top : top + self.crop, left : left + self.crop] for top, left in corners]
         views += [view[:, ::-1] for view in views]
         return torch.stack([_to_chw(view) for view in views])
-
-    def __repr__(self) -> str:
-        return f"TenViewTransform(resize={self.resize}, crop={self.crop})"
 
 
 def normalize_batch(

@@ -13,13 +13,13 @@ import os
 import pickle
 import subprocess
 import sys
-import tarfile
 import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tartools import write_tar
 import simplejpeg
 import torch
 from PIL import Image
@@ -40,16 +40,6 @@ TINY = dict(train_per_class=4, val_per_class=2, samples_per_shard=16)
 def _jpeg(value: int, shape: tuple[int, int] = (24, 32)) -> bytes:
     """A small, valid JPEG of one grey level."""
     return simplejpeg.encode_jpeg(np.full((*shape, 3), value, dtype=np.uint8), quality=90)
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    """Write ``(name, data)`` members into a plain tar file at ``path``."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _all_samples(pattern: str) -> list[tuple[str, bytes, int]]:
@@ -86,7 +76,7 @@ def test_write_shards_rejects_bad_keys(tmp_path: Path, key: str) -> None:
 
 def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     good = _jpeg(100)
-    bad = _tar(tmp_path / "bad.tar", [
+    bad = write_tar(tmp_path / "bad.tar", [
         ("a.cls", b"1"), ("a.jpg", good),                    # fine
         ("b.cls", b"2"), ("b.jpg", b"\x00garbage" * 50),     # not an image
         ("c.cls", b"3"), ("c.jpg", good[: len(good) // 2]),  # truncated JPEG
@@ -97,7 +87,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     ])  # fmt: skip
     cut = tmp_path / "cut.tar"  # bad.tar cut short inside b's first header, after sample a
     cut.write_bytes(Path(bad).read_bytes()[:3000])
-    whole = _tar(tmp_path / "whole.tar", [("h.cls", b"8"), ("h.jpg", good)])
+    whole = write_tar(tmp_path / "whole.tar", [("h.cls", b"8"), ("h.jpg", good)])
     stats = ReadStats()
     got = list(read_samples([bad, str(cut), whole], stats))
     assert [(k, c) for k, _, c in got] == [("a", 1), ("g", 7), ("a", 1), ("h", 8)]

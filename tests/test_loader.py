@@ -6,7 +6,6 @@ pixels a side, views of 24 from a 32 square), so the whole file takes seconds.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tartools import write_tar
 import simplejpeg
 import torch
 from PIL import Image
@@ -65,16 +65,6 @@ def _write_uneven(samples: list, out_dir: Path, sizes: tuple[int, ...] = UNEVEN)
 @pytest.fixture(scope="module")
 def uneven(photos: list, tmp_path_factory: pytest.TempPathFactory) -> str:
     return _write_uneven(photos[:N], tmp_path_factory.mktemp("uneven"))
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    """Write ``(name, data)`` members into a plain tar file at ``path``."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def _train_view(jpg: bytes, epoch: int, index: int, lighting: str = "paper"):
@@ -279,7 +269,7 @@ def test_bad_samples_are_skipped_counted_and_logged_once(
 ) -> None:
     write_shards(photos[:6], str(tmp_path), "a-good", 6)
     good = photos[6][1]
-    bad = _tar(tmp_path / "b-bad.tar", [
+    bad = write_tar(tmp_path / "b-bad.tar", [
         ("a.cls", b"1"), ("a.jpg", good),                    # fine: index 6
         ("b.cls", b"2"), ("b.jpg", b"\x00garbage" * 50),     # not an image (decode fails): 7
         ("d.jpg", good),                                     # no cls
@@ -378,7 +368,7 @@ def test_a_broken_tar_loses_the_rest_of_its_shard(
 
 def test_too_many_bad_samples_stop_the_run(photos: list, tmp_path: Path) -> None:
     write_shards(photos[:3], str(tmp_path / "scan"), "a", 3)
-    _tar(tmp_path / "scan" / "b.tar", [("x.jpg", photos[3][1])])  # 1 bad of 4 at the scan
+    write_tar(tmp_path / "scan" / "b.tar", [("x.jpg", photos[3][1])])  # 1 bad of 4 at the scan
     with pytest.raises(DataError) as err:
         ShardBatches(str(tmp_path / "scan"), 1, train=True, seed=0, max_bad_fraction=0.2)
     message = str(err.value)
@@ -392,7 +382,7 @@ def test_too_many_bad_samples_stop_the_run(photos: list, tmp_path: Path) -> None
         image = b"junk" * 40 if n % 3 == 2 else jpg
         members += [(f"{key}.cls", str(cls).encode()), (f"{key}.jpg", image)]
     (tmp_path / "load").mkdir()
-    _tar(tmp_path / "load" / "c.tar", members)
+    write_tar(tmp_path / "load" / "c.tar", members)
     for threads in (1, 2):
         reader = ShardBatches(
             str(tmp_path / "load"),
@@ -409,7 +399,7 @@ def test_too_many_bad_samples_stop_the_run(photos: list, tmp_path: Path) -> None
                 pass
 
     # Nothing decodes and nothing is too much: a clear error, not an endless search.
-    _tar(tmp_path / "none.tar", [("k.cls", b"0"), ("k.jpg", b"junk" * 40)])
+    write_tar(tmp_path / "none.tar", [("k.cls", b"0"), ("k.jpg", b"junk" * 40)])
     reader = ShardBatches(str(tmp_path / "none.tar"), 1, train=True, seed=0, max_bad_fraction=1.0)
     with pytest.raises(DataError, match="no sample decodes"):
         next(reader.epoch_batches(0))

@@ -81,7 +81,7 @@ def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
     with short_tmpdir("drv") as tmp:
         # 60 steps (the 10 × 6 training images, batch 8 -> 7 steps per epoch, 9 epochs), so the run
         # lasts long enough for its listeners to be seen
-        args = tiny_run_args(tiny_demo, tmp / "run", "--epochs", "9", "--microbatches", "2")
+        args = tiny_run_args(tiny_demo, tmp / "run", "--epochs", "9", "--microbatches", "2", "--lr", "0.001")
         with open(tmp / "driver.log", "w") as log:
             proc = subprocess.Popen(DRIVER + args, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -89,7 +89,7 @@ def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
         out = (tmp / "driver.log").read_text()
         assert proc.returncode == 0, out[-4000:]
         assert_nothing_left(proc.pid)
-    assert re.search(r"step \d+/63 \| epoch \d+/9 \| loss [\d.]+ \| lr 0.01 \| [\d.]+ img/s .*\| ETA ", out), out
+    assert re.search(r"step \d+/63 \| epoch \d+/9 \| loss [\d.]+ \| lr 0.001 \| [\d.]+ img/s .*\| data wait \d+% \| ETA ", out), out
     assert re.search(r"epoch 9/9: train loss [\d.]+ \| val loss [\d.]+ \| val top-1 [\d.]+% \| val top-5", out), out
     store = re.search(r"rendezvous 127\.0\.0\.1:(\d+)", out)
     assert store, out
@@ -103,7 +103,7 @@ def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
 
 
 def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, capsys):
-    assert main(tiny_run_args(tiny_demo, tmp_path / "run", "--max-steps", "2")) == 0
+    assert main(tiny_run_args(tiny_demo, tmp_path / "run", "--max-steps", "2", "--eval-views", "10")) == 0
     directory = tmp_path / "run" / "checkpoint-00000002"
     manifest = checkpoint.read_manifest(str(directory))
     assert manifest["step"] == 2 and manifest["mesh"] == {"replicas": 1, "stages": 1, "towers": 2}

@@ -59,7 +59,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         try:
             expand_shards(getattr(config, name))
         except ValueError as err:
-            raise ConfigError(f"{name}: {err}") from None
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{name}: {err}: pass {flag} with your shards (python -m data.convert makes them)") from None
     return config
 
 

@@ -471,15 +471,16 @@ class ShardBatches:
 
     # ------------------------------------------------------------ batches
 
+    def _check_position(self, epoch: int, name: str, batch: int) -> None:
+        """A one-line ValueError unless ``epoch`` >= 0 and 0 <= ``batch`` <= batches_per_epoch."""
+        _check_int("epoch", epoch, 0)
+        _check_int(name, batch, 0)
+        if batch > self.batches_per_epoch:
+            raise ValueError(f"{name} must be <= batches_per_epoch={self.batches_per_epoch}, got {batch}")
+
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield this replica's batches ``start_batch, start_batch + 1, ...`` of epoch ``epoch``."""
-        _check_int("epoch", epoch, 0)
-        _check_int("start_batch", start_batch, 0)
-        if start_batch > self.batches_per_epoch:
-            raise ValueError(
-                f"start_batch must be <= batches_per_epoch={self.batches_per_epoch}, "
-                f"got {start_batch}"
-            )
+        self._check_position(epoch, "start_batch", start_batch)
         order, positions, indices = self._plan(epoch)
         with self._mapper() as map_fn:
             for b in range(start_batch, self.batches_per_epoch):
@@ -601,13 +602,7 @@ class ShardBatches:
     def state_dict(self, epoch: int, next_batch: int) -> dict:
         """The loader's position as a small JSON-able dict: epoch ``epoch``, next batch
         ``next_batch`` (``batches_per_epoch`` = the epoch is done), plus this reader's identity."""
-        _check_int("epoch", epoch, 0)
-        _check_int("next_batch", next_batch, 0)
-        if next_batch > self.batches_per_epoch:
-            raise ValueError(
-                f"next_batch must be <= batches_per_epoch={self.batches_per_epoch}, "
-                f"got {next_batch}"
-            )
+        self._check_position(epoch, "next_batch", next_batch)
         return {
             "format": _STATE_FORMAT,
             "epoch": epoch,

@@ -96,7 +96,8 @@ class WaitShare:
 
 
 def evaluate(workers, loader: ShardBatches) -> tuple[float, float, float]:
-    """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crops)."""
+    """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crop, or the
+    ten views with --eval-views 10; padding rows weigh 0)."""
     totals = {"loss_sum": 0.0, "top1": 0, "top5": 0, "images": 0}
     for batch, _ in prefetched(loader.epoch_batches(0), workers.put):
         result = workers.call("evaluate", batch.images, batch.labels, batch.weights)[0]  # every tower: the same

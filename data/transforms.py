@@ -118,7 +118,6 @@ class TrainTransform(_CropTransform):
     flip), so the same generator state gives the same view.
     """
 
-
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor."""
         square = _square(image, self.resize)  # (resize, resize, 3)

@@ -10,7 +10,13 @@ import os
 
 MANIFEST = "manifest.json"
 KEY_STEP, KEY_EPOCH, KEY_CONFIG, KEY_MESH, KEY_SHARDS = "step", "epoch", "config", "mesh", "shards"
+SHARD_MODEL, SHARD_OPTIMIZER, SHARD_COORD = "model", "optimizer", "coord"  # keys inside a rank's shard
 KEY_LOADER = "loader"  # the training reader's position: resuming continues with the next sample
+
+
+def shard_file(rank: int) -> str:
+    """The name of rank `rank`'s shard inside a checkpoint directory."""
+    return f"rank{rank:05d}.pt"
 
 
 def checkpoint_dir(run_dir: str, step: int) -> str:

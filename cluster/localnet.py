@@ -448,11 +448,6 @@ def listening_sockets(pids: Iterable[int] | None = None) -> list[Listener]:
     return [lst for lst in listeners if lst.pid in wanted]
 
 
-def non_loopback_listeners(pids: Iterable[int] | None = None) -> list[Listener]:
-    """The listeners of ``pids`` bound to anything but loopback."""
-    return [lst for lst in listening_sockets(pids) if not is_loopback(lst.addr)]
-
-
 def _proc_table() -> dict[int, tuple[int, int]]:
     """pid -> (ppid, pgid) for every process we can see."""
     table = {}

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cluster import localnet
+from cluster import checkpoint, localnet
 from cluster.config import TrainConfig
 from cluster.exchange import ExchangeStats, TowerExchange
 from data.transforms import normalize_batch
@@ -25,9 +25,6 @@ from stages.reference import TwoTowerAlexNet
 from stages.tower import HalfTower
 
 INJECT_FAILURE_ENV = "ALEXNET_INJECT_FAILURE"  # "RANK:STEP": that rank raises at that step (tests)
-CHECKPOINT_MODEL = "model"
-CHECKPOINT_OPTIMIZER = "optimizer"
-CHECKPOINT_COORD = "coord"
 
 
 class TowerWorker:
@@ -175,18 +172,12 @@ class TowerWorker:
         return {self.reference_prefix + name: p.detach().cpu().clone()
                 for name, p in self.model.named_parameters()}
 
-    def load_parameters(self, params: dict[str, Tensor]) -> None:
-        """Load reference-named weights (the ones this process holds) — e.g. from a reference net."""
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(params[self.reference_prefix + name])
-
     def save(self, directory: str) -> str:
         """Write this rank's shard of a checkpoint; atomic (temp file, fsync, rename)."""
-        path = os.path.join(directory, f"rank{self.rank:05d}.pt")
-        state = {CHECKPOINT_MODEL: {k: v.cpu() for k, v in self.model.state_dict().items()},
-                 CHECKPOINT_OPTIMIZER: self.optimizer.state_dict(),
-                 CHECKPOINT_COORD: [self.coord.replica, self.coord.stage, self.coord.tower]}
+        path = os.path.join(directory, checkpoint.shard_file(self.rank))
+        state = {checkpoint.SHARD_MODEL: {k: v.cpu() for k, v in self.model.state_dict().items()},
+                 checkpoint.SHARD_OPTIMIZER: self.optimizer.state_dict(),
+                 checkpoint.SHARD_COORD: [self.coord.replica, self.coord.stage, self.coord.tower]}
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -196,7 +187,7 @@ class TowerWorker:
         return path
 
     def load(self, directory: str) -> None:
-        state = torch.load(os.path.join(directory, f"rank{self.rank:05d}.pt"), weights_only=True,
+        state = torch.load(os.path.join(directory, checkpoint.shard_file(self.rank)), weights_only=True,
                            map_location=self.device)
-        self.model.load_state_dict(state[CHECKPOINT_MODEL])
-        self.optimizer.load_state_dict(state[CHECKPOINT_OPTIMIZER])
+        self.model.load_state_dict(state[checkpoint.SHARD_MODEL])
+        self.optimizer.load_state_dict(state[checkpoint.SHARD_OPTIMIZER])

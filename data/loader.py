@@ -547,7 +547,7 @@ class ShardBatches:
                 f"max_bad_fraction={self.max_bad_fraction:g} let it get this far"
             )
         rng = np.random.default_rng([self.seed, epoch, index])
-        images[row] = self._train_view(image, rng)  # draws top, left, flip
+        self._train_view(image, rng, out=images[row])  # draws top, left, flip
         shift = pca_lighting_offset(rng, self.lighting) if self.lighting is not None else None
         return index, shift, 1.0
 

@@ -17,6 +17,7 @@ images stay uint8 until then. Evaluation can also take the paper's ten views
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import simplejpeg
@@ -116,17 +117,55 @@ class TrainTransform(_CropTransform):
 
     Every random choice comes from the ``rng`` passed in, drawn in a fixed order (top, left,
     flip), so the same generator state gives the same view.
+
+    Only the part of the source that the patch needs is resized (a quarter less work at 256 →
+    224): the source window starts at a whole source pixel, so the patch is sampled on the 256
+    grid shifted by under half an output pixel, where resizing the whole square and cropping
+    would start exactly at (top, left). Where no resize is needed (shards already at 256) the
+    patch is an exact crop.
     """
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor."""
-        square = _square(image, self.resize)  # (resize, resize, 3)
+    def __call__(
+        self, image: np.ndarray, rng: np.random.Generator, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor, written into ``out`` when given."""
         span = self.resize - self.crop + 1
         top, left = int(rng.integers(span)), int(rng.integers(span))
-        patch = square[top : top + self.crop, left : left + self.crop]  # (crop, crop, 3)
-        if rng.random() < 0.5:
-            patch = patch[:, ::-1]
-        return _to_chw(patch)
+        flip = rng.random() < 0.5
+        h, w = image.shape[:2]
+        side = min(h, w)
+        y0, x0 = (h - side) // 2, (w - side) // 2  # the central square's corner
+        if side == self.resize:
+            patch = image[y0 + top : y0 + top + self.crop, x0 + left : x0 + left + self.crop]
+            patch = torch.from_numpy(patch).permute(2, 0, 1)  # (3, crop, crop), a view
+        else:
+            scale = side / self.resize  # source pixels per output pixel
+            rows = self._window(top, scale, side)
+            cols = self._window(left, scale, side)
+            window = image[y0 + rows[0] : y0 + rows[1], x0 + cols[0] : x0 + cols[1]]
+            pixels = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)  # channels last
+            resized = F.interpolate(pixels, scale_factor=1 / scale, mode="bilinear", antialias=True,
+                                    align_corners=False, recompute_scale_factor=False)[0]
+            dy = self._offset(top, rows[0], scale, resized.shape[1])
+            dx = self._offset(left, cols[0], scale, resized.shape[2])
+            patch = resized[:, dy : dy + self.crop, dx : dx + self.crop]  # (3, crop, crop)
+        if flip:
+            patch = patch.flip(-1)
+        if out is None:
+            return patch.contiguous()
+        return out.copy_(patch)
+
+    def _window(self, start: int, scale: float, side: int) -> tuple[int, int]:
+        """Source pixels [a, b) whose resize covers output pixels start..start+crop of the
+        ``resize`` grid, with a filter's support to spare on each side."""
+        margin = math.ceil(max(scale, 1.0)) + 1
+        first = max(0, math.floor(start * scale) - margin)
+        last = min(side, math.ceil((start + self.crop) * scale) + margin)
+        return first, last
+
+    def _offset(self, start: int, first: int, scale: float, size: int) -> int:
+        """Where output pixel ``start`` of the full grid falls in the window's resize."""
+        return max(0, min(round(start - first / scale), size - self.crop))
 
 
 def pca_lighting_offset(rng: np.random.Generator, variant: str = "paper") -> np.ndarray:
@@ -192,11 +231,11 @@ def normalize_batch(
             f"out must be float32 {tuple(images.shape)} on {images.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
-    mean = torch.tensor(MEAN_RGB, dtype=torch.float32).view(1, 3, 1, 1)
-    out.copy_(images)
-    out.sub_(mean.to(images.device, non_blocking=True))
+    shift = -torch.tensor(MEAN_RGB, dtype=torch.float32).view(1, 3)  # (1, 3)
     if lighting is not None:
         if lighting.shape != (images.shape[0], 3):
             raise ValueError(f"lighting must be ({images.shape[0]}, 3), got {tuple(lighting.shape)}")
-        out.add_(lighting.to(device=images.device, dtype=torch.float32).view(-1, 3, 1, 1))
+        shift = lighting.to(torch.float32) + shift  # (B, 3): one offset per image and channel
+    out.copy_(images)
+    out.add_(shift.to(images.device, non_blocking=True).view(-1, 3, 1, 1))  # one pass, not two
     return out

@@ -265,6 +265,35 @@ def test_train_transform_is_a_random_crop_and_flip_from_the_rng() -> None:
         assert torch.equal(view, torch.from_numpy(patch.copy()).permute(2, 0, 1))
 
 
+@pytest.mark.parametrize("height, width", [(375, 500), (700, 530), (200, 240)])
+def test_train_transform_resizes_only_the_patch_it_keeps(height: int, width: int) -> None:
+    # Resizing just the patch's source window equals resizing the whole square and cropping,
+    # up to the window's whole-pixel start: a shift of at most half an output pixel. On a ramp
+    # of `step` grey levels per source pixel that is step * scale / 2 levels, plus rounding.
+    from data.transforms import _square
+
+    step = 250 / max(height, width)
+    rows, cols = np.mgrid[0:height, 0:width]
+    image = np.stack([rows * step, cols * step, (rows + cols) * step / 2], axis=-1).round().astype(np.uint8)
+    scale = min(height, width) / 256
+    transform = TrainTransform()
+    for seed in range(8):
+        view = transform(image, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        top, left, flip = rng.integers(33), rng.integers(33), rng.random() < 0.5
+        patch = _square(image, 256)[top : top + 224, left : left + 224]
+        patch = patch[:, ::-1] if flip else patch
+        exact = torch.from_numpy(patch.copy()).permute(2, 0, 1)
+        error = view.double() - exact.double()  # (3, 224, 224)
+        assert error.abs().max() <= step * max(scale, 1) / 2 + 1.5, (seed, error.abs().max())
+        # the shift itself, in output pixels, from the mean error along each ramp: R runs down
+        # the rows, G along the columns (4 levels of rounding noise average out over 50k pixels)
+        shift_rows, shift_cols = (abs(error[c].mean().item()) / (step * scale) for c in (0, 1))
+        assert shift_rows < 0.55 and shift_cols < 0.55, (seed, shift_rows, shift_cols)
+        into = torch.empty(3, 224, 224, dtype=torch.uint8)
+        assert transform(image, np.random.default_rng(seed), out=into) is into and torch.equal(into, view)
+
+
 def test_normalize_batch_subtracts_only_the_mean() -> None:
     images = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     expected = images.float() - torch.tensor(MEAN_RGB).view(1, 3, 1, 1)

@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test bench clean-venv
 
-$(STAMP): pyproject.toml
+# pip also builds data._jpegroi (setup.py; needs gcc and libjpeg-dev, else the loader decodes
+# whole images, with a warning).
+$(STAMP): pyproject.toml setup.py data/_jpegroi.c
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)

@@ -37,7 +37,11 @@ evaluation visits ``range(N)`` in index order. Replica ``r`` of ``R`` takes posi
 ``numpy.random.default_rng([seed, epoch, index])`` in a fixed order: the crop (top, left, flip,
 :class:`TrainTransform`), then the PCA colour offset (:func:`pca_lighting_offset`) when lighting
 is on. Since ``index`` is global, a sample's view does not depend on the batch size, the replica
-count, the thread count or the resume point.
+count, the thread count or the resume point. The crop is drawn before the image is decoded, so
+that only the part of the image the view needs is decoded (:meth:`TrainTransform.from_jpeg`,
+libjpeg-turbo's region decode in the extension ``data._jpegroi``); that part is bit for bit
+what a full decode gives, and a file it cannot take (or every file, when the extension is not
+built) is decoded whole, so the views are the same either way.
 
 **Bad images at load time.** Image bytes are first read when a batch needs them. A sample whose
 bytes cannot be read (``unreadable image``) or decoded (``undecodable image``) is counted once
@@ -53,9 +57,10 @@ counts every bad sample found so far (at the scan, plus distinct load-time failu
 counts as one). It is checked after the scan and at every new load-time failure; the load-time
 part only counts what this reader has decoded (a resumed reader starts afresh).
 
-**Threads.** ``num_threads`` threads decode the rows of a batch (simplejpeg and PIL release the
-GIL) and write straight into it; rows keep their places, so results do not depend on the thread
-count. Image bytes are read with ``os.pread`` from a small LRU of open shard files.
+**Threads.** ``num_threads`` threads decode the rows of a batch (simplejpeg, PIL and
+``data._jpegroi`` release the GIL) and write straight into it; rows keep their places, so
+results do not depend on the thread count. Image bytes are read with ``os.pread`` from a small
+LRU of open shard files.
 
 **Resume.** :meth:`ShardBatches.state_dict` gives a small JSON-able dict (position plus what
 identifies the reader: seed, train, replica, replicas, batch size, N, fingerprint).
@@ -74,6 +79,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -81,6 +87,7 @@ import os
 import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -110,6 +117,7 @@ _ORDER_STREAM = (1,)  # spawn key that keeps the order stream apart from the per
 _STATE_FORMAT = "ShardBatches/1"  # version tag of state_dict()
 _CLS_MAX_BYTES = 32  # a longer cls member is not a class index; don't read it
 _OPEN_FILES = 8  # shard files kept open (at least 2 per thread)
+_T = TypeVar("_T")
 
 
 class DataError(ValueError):
@@ -531,28 +539,29 @@ class ShardBatches:
         if index < 0:  # evaluation padding
             return -1, None, 0.0
         if not self.train:
-            image = self._image(index)
+            image = self._decode(index, decode_rgb)
             if image is None:
                 return index, None, 0.0
             images[row] = self._eval_view(image)
             return index, None, 1.0
         for step in range(self.num_samples):  # substitute a bad sample by the next good one
             index = int(order[(position + step) % self.num_samples])
-            image = self._image(index)
-            if image is not None:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            # draws top, left, flip, then decodes only the part of the image the view needs
+            view = functools.partial(self._train_view.from_jpeg, rng=rng, out=images[row])
+            if self._decode(index, view) is not None:
                 break
         else:
             raise DataError(
                 f"{self.pattern!r}: no sample decodes ({self.read_stats.summary()}); "
                 f"max_bad_fraction={self.max_bad_fraction:g} let it get this far"
             )
-        rng = np.random.default_rng([self.seed, epoch, index])
-        self._train_view(image, rng, out=images[row])  # draws top, left, flip
         shift = pca_lighting_offset(rng, self.lighting) if self.lighting is not None else None
         return index, shift, 1.0
 
-    def _image(self, index: int) -> np.ndarray | None:
-        """Sample ``index`` decoded to (H, W, 3) uint8, or None when it cannot be (counted)."""
+    def _decode(self, index: int, decode: Callable[[bytes], _T]) -> _T | None:
+        """``decode`` of sample ``index``'s image bytes; None when they cannot be read or
+        decoded (``decode`` raises ValueError), counted, or the sample is known to be bad."""
         if index in self._bad:
             return None
         path = self._paths[int(self._shards[index])]
@@ -562,7 +571,7 @@ class ShardBatches:
             self._count_bad(index, "unreadable image", path, str(err))
             return None
         try:
-            return decode_rgb(data)
+            return decode(data)
         except ValueError as err:
             self._count_bad(index, "undecodable image", path, str(err))
             return None

@@ -12,11 +12,21 @@ PCA colour noise, the paper's third augmentation, adds one RGB offset per image
 added by :func:`normalize_batch` together with the mean subtraction, batched and in float, so the
 images stay uint8 until then. Evaluation can also take the paper's ten views
 (:class:`TenViewTransform`).
+
+Decoding. :func:`decode_rgb` decodes a whole image (evaluation, and any file the region decoder
+cannot take). A training view needs only the source window of its crop, about 70% of a typical
+photo's pixels, so :meth:`TrainTransform.from_jpeg` draws the crop first, reads the JPEG's size
+and decodes just that window with libjpeg-turbo (:func:`region_size`, :func:`decode_region`:
+the C extension ``data._jpegroi``, data/_jpegroi.c). The window's pixels equal a full decode's
+bit for bit, so the view is the one ``TrainTransform()(decode_rgb(jpg), rng)`` gives. Without
+the extension (no compiler at install time) every image is decoded whole, with one warning.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import math
 
 import numpy as np
@@ -25,16 +35,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+try:  # the region-of-interest JPEG decoder (data/_jpegroi.c), built by `pip install -e .`
+    from data import _jpegroi
+except ImportError:
+    _jpegroi = None
+
 __all__ = [
     "LIGHTING_VARIANTS",
     "MEAN_RGB",
     "EvalTransform",
     "TenViewTransform",
     "TrainTransform",
+    "decode_region",
     "decode_rgb",
     "normalize_batch",
     "pca_lighting_offset",
+    "region_size",
 ]
+
+log = logging.getLogger(__name__)
 
 MEAN_RGB: tuple[float, float, float] = (127.30, 119.72, 104.91)  # on 0–255 RGB (PAPER.md §Data)
 
@@ -53,7 +72,7 @@ PCA_SCALES = {
 LIGHTING_VARIANTS = tuple(PCA_SCALES)
 PCA_ALPHA_STD = 0.1
 
-_JPEG_SOI = b"\xff\xd8"
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _TURBO_RGB_SOURCES = ("YCbCr", "Gray", "RGB")  # colour spaces libjpeg-turbo maps to RGB exactly
 
 
@@ -76,6 +95,51 @@ def decode_rgb(jpg: bytes) -> np.ndarray:
             return np.asarray(image.convert("RGB"))  # (H, W, 3)
     except Exception as err:  # PIL raises many types for bad data
         raise ValueError(f"cannot decode image ({len(jpg)} bytes): {err}") from err
+
+
+def region_size(jpg: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a JPEG that :func:`decode_region` can decode, else None.
+
+    None when the extension ``data._jpegroi`` is not built (logged once), for data that is
+    not a JPEG, does not end with the EOI marker (a truncated file: the region decoder stops
+    at the window's last row and would not notice), or is a CMYK/YCCK JPEG.
+    """
+    if _jpegroi is None:
+        _warn_no_region_decoder()
+        return None
+    if jpg[:2] != _JPEG_SOI or jpg[-2:] != _JPEG_EOI:
+        return None
+    try:
+        height, width, colorspace, _ = _jpegroi.read_header(jpg)
+    except ValueError:
+        return None
+    return (height, width) if colorspace in _TURBO_RGB_SOURCES else None
+
+
+def decode_region(jpg: bytes, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray | None:
+    """Rows [r0, r1) and columns [c0, c1) of a JPEG (one :func:`region_size` accepts), decoding
+    only them: a (r1 - r0, c1 - c0, 3) uint8 view equal to ``decode_rgb(jpg)[r0:r1, c0:c1]``
+    bit for bit (data/_jpegroi.c says why). None when libjpeg reports corrupt or truncated
+    data, even only a warning: :func:`decode_rgb` then decides, as for any file. Releases the
+    GIL while decoding.
+    """
+    try:
+        pixels, x, stride = _jpegroi.decode_region(
+            jpg, rows[0], cols[0], rows[1] - rows[0], cols[1] - cols[0]
+        )
+    except ValueError:
+        return None
+    decoded = np.frombuffer(pixels, np.uint8).reshape(rows[1] - rows[0], stride, 3)  # no copy
+    return decoded[:, cols[0] - x : cols[1] - x]  # columns x.. were decoded; keep c0..c1
+
+
+@functools.cache
+def _warn_no_region_decoder() -> None:
+    log.warning(
+        "data._jpegroi is not built (needs a C compiler and libjpeg-turbo's header: apt-get "
+        "install gcc libjpeg-dev, then pip install -e .): training views decode whole images, "
+        "the same views but slower"
+    )
 
 
 def _square(image: np.ndarray, size: int) -> np.ndarray:
@@ -116,38 +180,91 @@ class TrainTransform(_CropTransform):
     """Training view: 256 square, random ``crop`` patch, random horizontal flip.
 
     Every random choice comes from the ``rng`` passed in, drawn in a fixed order (top, left,
-    flip), so the same generator state gives the same view.
+    flip) before anything else, so the same generator state gives the same view.
 
     Only the part of the source that the patch needs is resized (a quarter less work at 256 →
     224): the source window starts at a whole source pixel, so the patch is sampled on the 256
     grid shifted by under half an output pixel, where resizing the whole square and cropping
     would start exactly at (top, left). Where no resize is needed (shards already at 256) the
     patch is an exact crop.
+
+    Two entry points give the same view, bit for bit: calling the transform on a decoded image,
+    and :meth:`from_jpeg` on the encoded bytes, which decodes only the source window (see
+    :func:`decode_region`).
     """
 
     def __call__(
         self, image: np.ndarray, rng: np.random.Generator, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor, written into ``out`` when given."""
+        top, left, flip = self._draw(rng)
+        height, width = image.shape[:2]
+        rows, cols = self._source(height, width, top, left)
+        window = image[rows[0] : rows[1], cols[0] : cols[1]]
+        return self._patch(window, min(height, width), top, left, flip, out)
+
+    def from_jpeg(
+        self, jpg: bytes, rng: np.random.Generator, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Image bytes → the view ``self(decode_rgb(jpg), rng, out)`` gives, bit for bit.
+
+        Only the source window is decoded when :func:`decode_region` can (a JPEG in YCbCr,
+        grey or RGB, with the extension built); any other file is decoded whole by
+        :func:`decode_rgb`. Raises ``ValueError`` if neither can decode it (``rng`` has then
+        given its three draws).
+        """
+        top, left, flip = self._draw(rng)
+        size = region_size(jpg)
+        window = None
+        if size is not None:
+            rows, cols = self._source(*size, top, left)
+            window = decode_region(jpg, rows, cols)
+        if window is None:  # not for the region decoder: decode it all
+            image = decode_rgb(jpg)  # (H, W, 3)
+            size = image.shape[:2]
+            rows, cols = self._source(*size, top, left)
+            window = image[rows[0] : rows[1], cols[0] : cols[1]]
+        return self._patch(window, min(size), top, left, flip, out)
+
+    def _draw(self, rng: np.random.Generator) -> tuple[int, int, bool]:
+        """The view's random choices, in their fixed order: top, left, flip."""
         span = self.resize - self.crop + 1
         top, left = int(rng.integers(span)), int(rng.integers(span))
-        flip = rng.random() < 0.5
-        h, w = image.shape[:2]
-        side = min(h, w)
-        y0, x0 = (h - side) // 2, (w - side) // 2  # the central square's corner
+        return top, left, bool(rng.random() < 0.5)
+
+    def _source(
+        self, height: int, width: int, top: int, left: int
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The image pixels the patch at (top, left) of the 256 grid is made from: rows
+        [r0, r1) and columns [c0, c1) of a ``height`` × ``width`` image."""
+        side = min(height, width)
+        y0, x0 = (height - side) // 2, (width - side) // 2  # the central square's corner
+        if side == self.resize:  # no resize: the patch itself
+            return (y0 + top, y0 + top + self.crop), (x0 + left, x0 + left + self.crop)
+        scale = side / self.resize  # source pixels per output pixel
+        rows, cols = self._window(top, scale, side), self._window(left, scale, side)
+        return (y0 + rows[0], y0 + rows[1]), (x0 + cols[0], x0 + cols[1])
+
+    def _patch(
+        self,
+        window: np.ndarray,
+        side: int,
+        top: int,
+        left: int,
+        flip: bool,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The ``_source`` pixels (h, w, 3) of an image whose shorter side is ``side`` → the
+        (3, crop, crop) patch, flipped when ``flip``, written into ``out`` when given."""
         if side == self.resize:
-            patch = image[y0 + top : y0 + top + self.crop, x0 + left : x0 + left + self.crop]
-            patch = torch.from_numpy(patch).permute(2, 0, 1)  # (3, crop, crop), a view
+            patch = torch.from_numpy(window).permute(2, 0, 1)  # (3, crop, crop), a view
         else:
-            scale = side / self.resize  # source pixels per output pixel
-            rows = self._window(top, scale, side)
-            cols = self._window(left, scale, side)
-            window = image[y0 + rows[0] : y0 + rows[1], x0 + cols[0] : x0 + cols[1]]
+            scale = side / self.resize
             pixels = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)  # channels last
             resized = F.interpolate(pixels, scale_factor=1 / scale, mode="bilinear", antialias=True,
                                     align_corners=False, recompute_scale_factor=False)[0]
-            dy = self._offset(top, rows[0], scale, resized.shape[1])
-            dx = self._offset(left, cols[0], scale, resized.shape[2])
+            dy = self._offset(top, self._window(top, scale, side)[0], scale, resized.shape[1])
+            dx = self._offset(left, self._window(left, scale, side)[0], scale, resized.shape[2])
             patch = resized[:, dy : dy + self.crop, dx : dx + self.crop]  # (3, crop, crop)
         if flip:
             patch = patch.flip(-1)
@@ -156,8 +273,8 @@ class TrainTransform(_CropTransform):
         return out.copy_(patch)
 
     def _window(self, start: int, scale: float, side: int) -> tuple[int, int]:
-        """Source pixels [a, b) whose resize covers output pixels start..start+crop of the
-        ``resize`` grid, with a filter's support to spare on each side."""
+        """Source pixels [a, b) of the square whose resize covers output pixels
+        start..start+crop of the ``resize`` grid, with a filter's support to spare on each side."""
         margin = math.ceil(max(scale, 1.0)) + 1
         first = max(0, math.floor(start * scale) - margin)
         last = min(side, math.ceil((start + self.crop) * scale) + margin)

@@ -11,9 +11,14 @@ import logging
 import ray
 
 from cluster.config import ConfigError, TrainConfig
+from cluster.pipeline import StepPlan
 from cluster.worker import TowerWorker
 
 log = logging.getLogger(__name__)
+
+
+class PlacementError(RuntimeError):
+    """The actors could not all be started on the cluster."""
 
 
 def plan_resources(config: TrainConfig, available: dict) -> dict:
@@ -33,6 +38,7 @@ def plan_resources(config: TrainConfig, available: dict) -> dict:
 
 class ActorMesh:
     def __init__(self, config: TrainConfig, env_vars: dict[str, str] | None = None):
+        self.config, self.mesh = config, config.mesh
         resources = plan_resources(config, ray.cluster_resources())
         self.uses_gpu = resources["num_gpus"] > 0
         worker_cls = ray.remote(TowerWorker)
@@ -41,20 +47,73 @@ class ActorMesh:
                                max_restarts=0).remote(config, rank)
             for rank in range(config.mesh.world_size)
         ]
+        self._wait_until_started(resources)
         host, port = ray.get(self.actors[0].rendezvous_address.remote())
         self.backend = self.call("init_distributed", host, port)[0]
         log.info("mesh up: %s, backend %s, rendezvous %s:%d", config.mesh.describe(), self.backend, host, port)
+
+    def _wait_until_started(self, resources: dict) -> None:
+        """Every actor up within the placement timeout, or a clear error (no silent hang when the
+        cluster's resources are held by someone else)."""
+        timeout = self.config.placement_timeout_s
+        refs = [actor.__ray_ready__.remote() for actor in self.actors]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if pending:
+            for actor in self.actors:
+                ray.kill(actor)
+            raise PlacementError(
+                f"{len(pending)} of {len(refs)} actors did not start within {timeout:g} s: each wants "
+                f"{resources}, the cluster has {ray.available_resources()} free of {ray.cluster_resources()}; "
+                f"free those resources, add nodes or raise --placement-timeout-s")
+        ray.get(ready)  # an actor whose constructor failed raises here
 
     def call(self, method: str, *args) -> list:
         """Call `method(*args)` on every actor at once; the answers in rank order. An exception in
         any actor is raised here as soon as it happens, with that actor's traceback (its partners
         may be blocked in a collective, waiting for it)."""
-        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        return self._gather([getattr(actor, method).remote(*args) for actor in self.actors])
+
+    @staticmethod
+    def _gather(refs: list) -> list:
         pending = refs
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             ray.get(done[0])  # raises the actor's exception
         return ray.get(refs)
+
+    # --- steps: one plan for every actor; images to stage 0, labels to the last stage
+
+    def plan(self, mode: str, lr: float = 0.0, microbatches: int | None = None,
+             schedule: str | None = None) -> StepPlan:
+        """This step's plan; microbatches and schedule default to the configuration's."""
+        m = microbatches or self.config.microbatches
+        if self.config.batch_size % m:
+            raise ConfigError(f"batch_size {self.config.batch_size} must be divisible by microbatches {m}")
+        views = self.config.eval_views if mode == "eval" else 1
+        return StepPlan(mode, m, self.config.batch_size // m * views, schedule or self.config.schedule, lr)
+
+    def _step(self, method: str, plan: StepPlan, images, labels, first_extra=None, last_extra=None) -> list:
+        refs = []
+        for rank, actor in enumerate(self.actors):
+            stage = self.mesh.coord(rank).stage
+            first, last = stage == 0, stage == self.mesh.stages - 1
+            refs.append(getattr(actor, method).remote(
+                plan, images if first else None, labels if last else None,
+                first_extra if first else last_extra if last else None))
+        return self._gather(refs)
+
+    def train_step(self, images, labels, lr: float, lighting=None, **plan) -> list[dict]:
+        """One optimizer step on every actor; the reports in rank order."""
+        return self._step("train_step", self.plan("train", lr, **plan), images, labels, first_extra=lighting)
+
+    def probe(self, images, labels, lighting=None, **plan) -> list[dict]:
+        """Loss, logits and gradients of one batch without a step (tests)."""
+        return self._step("probe", self.plan("probe", **plan), images, labels, first_extra=lighting)
+
+    def evaluate(self, images, labels, weights=None, **plan) -> dict:
+        """Loss sum and top-k hits of one validation batch, from the last stage."""
+        results = self._step("evaluate", self.plan("eval", **plan), images, labels, last_extra=weights)
+        return results[self.mesh.lane(0, 0)[-1]]
 
     @staticmethod
     def put(value) -> "ray.ObjectRef":

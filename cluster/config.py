@@ -11,7 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from cluster.mesh import Mesh
+from cluster.schedule import SCHEDULES
 from stages.config import ModelConfig
+from stages.split import BALANCE, Split, format_split, resolve_split
 
 LR_SCHEDULES = ("plateau", "milestones")
 DEMO_DATA = "demo"
@@ -41,6 +43,11 @@ class TrainConfig:
     # --- mesh (cluster/mesh.py)
     replicas: int = _opt(1, "data-parallel replicas of the two-tower network")
     stages: int = _opt(1, "pipeline stages per tower")
+    stage_split: str = _opt("flops", "layers of each stage, e.g. 'conv1-conv2 | conv3-fc8', or a split "
+                                     "balanced by `flops` (forward+backward multiply-adds) or `time` (each layer "
+                                     "timed on the driver's CPU at the microbatch size)")
+    schedule: str = _opt("1f1b", "pipeline schedule: `1f1b` (activations of at most `stages` microbatches "
+                                 "held per stage) or `gpipe` (all forwards, then all backwards)")
     towers: int = _opt(2, "processes holding the two towers: 2 (one each, the paper) or 1 (both in one)")
     threads_per_worker: int = _opt(1, "torch CPU threads per actor (CPU runs)")
 
@@ -71,14 +78,21 @@ class TrainConfig:
     log_every: int = _opt(5, "steps between progress lines")
     address: str = _opt("", "Ray cluster address; empty: the cluster this job runs in, else a new local one")
     collective_timeout_s: float = _opt(300.0, "seconds a collective may wait before the run fails")
+    placement_timeout_s: float = _opt(120.0, "seconds every actor has to start before the run fails")
+    trace: str = _opt("", "write a Chrome-trace/Perfetto JSON of step --trace-step across all actors to this file")
+    trace_step: int = _opt(2, "the step whose per-actor timeline is printed (pipelines) and --trace records "
+                              "(the first pays for warm-up)")
 
     def __post_init__(self):
         self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "loader_threads", "batch_size",
-                             "microbatches", "epochs", "log_every", "lr_patience")
+                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step",
+                             "collective_timeout_s", "placement_timeout_s")
         self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops")
         if self.batch_size % self.microbatches:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by microbatches "
                               f"{self.microbatches}: allowed microbatches are divisors of the batch")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.eval_views not in (1, 10):
             raise ConfigError(f"eval_views must be 1 or 10, got {self.eval_views}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -96,6 +110,11 @@ class TrainConfig:
             self.mesh, self.model_config  # each validates itself
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if self.stage_split not in BALANCE:
+            try:
+                self.split
+            except ValueError as err:
+                raise ConfigError(f"stage_split: {err}") from None
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -115,6 +134,17 @@ class TrainConfig:
     def model_config(self) -> ModelConfig:
         return ModelConfig(variant=self.variant, num_classes=self.num_classes, image_size=self.image_size,
                            dropout=self.dropout, lrn_impl=self.lrn_impl)
+
+    @property
+    def split(self) -> Split:
+        """The layers of each pipeline stage (stages/split.py); `time` measures, so the driver
+        resolves it once (`resolved_split`) and the actors get the table."""
+        return resolve_split(self.model_config, self.stages, self.stage_split, self.microbatch_size,
+                             self.threads_per_worker)
+
+    def resolved_split(self) -> "TrainConfig":
+        """This config with stage_split written out as a table (what every actor must share)."""
+        return self.replace(stage_split=format_split(self.split))
 
     @property
     def microbatch_size(self) -> int:

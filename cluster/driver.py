@@ -20,13 +20,14 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import ray  # noqa: E402
 
 from cluster import localnet  # noqa: E402
-from cluster.actor_mesh import ActorMesh  # noqa: E402
+from cluster.actor_mesh import ActorMesh, PlacementError  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
 from cluster.trainer import NonFiniteLoss, train  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
 from data.loader import DataError, ShardBatches  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
+from stages.split import layer_costs, split_table  # noqa: E402
 
 log = logging.getLogger("cluster.driver")
 
@@ -54,7 +55,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             changes["train_data"] = demo.train_pattern
         if config.val_data == DEMO_DATA:
             changes["val_data"] = demo.val_pattern
-    config = config.replace(**changes)
+    config = config.replace(**changes).resolved_split()  # every actor gets the same table
     for name in ("train_data", "val_data"):
         try:
             expand_shards(getattr(config, name))
@@ -111,12 +112,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.to_dict(), indent=1, default=list))
         return 0
     print(f"recipe {config.recipe}: {config.mesh.describe()}; run dir {config.run_dir}", flush=True)
+    if config.stages > 1:
+        costs = layer_costs(config.model_config)
+        print(f"pipeline stages ({config.schedule}, {config.microbatches} microbatch(es) per step):\n"
+              f"{split_table(config.split, costs)}", flush=True)
     with ray_session(config) as env:
         try:
             workers = ActorMesh(config, env)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except PlacementError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         try:
             result = train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True))
         except (ray.exceptions.RayError, NonFiniteLoss, DataError) as err:

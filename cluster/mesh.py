@@ -8,12 +8,17 @@ heaviest traffic — are neighbours:
 
 towers = 2 gives each half-tower its own process (the paper's layout); towers = 1 puts both halves
 in one process with a local exchange (one GPU, or a pipeline benchmark on two cores).
+
+A lane is the pipeline of one (replica, tower): its stages in order. Activations flow along a
+lane, point to point; the towers of one stage exchange at the cross-connections.
 """
 
 from dataclasses import dataclass
 
+from stages.tower import LAYERS
+
 SUPPORTED_REPLICAS = (1,)  # data parallelism: a later issue
-SUPPORTED_STAGES = (1,)  # pipeline parallelism: a later issue
+SUPPORTED_STAGES = tuple(range(1, len(LAYERS) + 1))  # a stage holds one layer or more
 SUPPORTED_TOWERS = (1, 2)
 
 
@@ -35,10 +40,10 @@ class Mesh:
                                      ("stages", self.stages, SUPPORTED_STAGES),
                                      ("towers", self.towers, SUPPORTED_TOWERS)):
             if value not in allowed:
-                raise ValueError(
-                    f"{axis} must be one of {', '.join(map(str, allowed))}, got {value}"
-                    + (": the paper splits every layer across two towers, held by 2 processes or 1"
-                       if axis == "towers" else ": only that is supported so far"))
+                reason = {"towers": ": the paper splits every layer across two towers, held by 2 processes or 1",
+                          "stages": f": each stage holds at least one of the {len(LAYERS)} layers"}
+                raise ValueError(f"{axis} must be one of {', '.join(map(str, allowed))}, got {value}"
+                                 + reason.get(axis, ": only that is supported so far"))
 
     @property
     def world_size(self) -> int:
@@ -69,3 +74,13 @@ class Mesh:
 
     def tower_groups(self) -> list[list[int]]:
         return [self.tower_group(r, s) for r in range(self.replicas) for s in range(self.stages)]
+
+    def lane(self, replica: int, tower: int) -> list[int]:
+        """Ranks of one (replica, tower)'s stages, first to last: where activations flow."""
+        return [self.rank(Coord(replica, stage, tower)) for stage in range(self.stages)]
+
+    def stage_links(self) -> list[tuple[int, int]]:
+        """(stage s rank, stage s + 1 rank) for every boundary of every lane, in one fixed order
+        (every rank must create the groups in the same order)."""
+        return [(lane[s], lane[s + 1]) for r in range(self.replicas) for t in range(self.towers)
+                for lane in [self.lane(r, t)] for s in range(self.stages - 1)]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from cluster import checkpoint
 from cluster.config import TrainConfig
 from cluster.progress import Progress, format_duration
+from cluster.timeline import format_summary, step_summary, write_trace
 from data.loader import ShardBatches
 from stages.optim import MilestoneSchedule, PlateauSchedule
 
@@ -95,12 +96,23 @@ class WaitShare:
         return self.waited / self.total if self.total else 0.0
 
 
+def step_extras(config: TrainConfig, results: list[dict], wait_share: WaitShare) -> str:
+    """The progress line's tail: exchange share, pipeline bubble, data wait."""
+    extra = ""
+    if config.mesh.towers > 1:
+        comm = max(r["exchange_seconds"] / max(r["seconds"], 1e-9) for r in results)
+        extra += f" | exchange {100 * comm:.0f}%"
+    if config.mesh.stages > 1:
+        extra += f" | bubble {100 * step_summary(results)['bubble']:.0f}%"
+    return extra + f" | data wait {100 * wait_share.fraction:.0f}%"
+
+
 def evaluate(workers, loader: ShardBatches) -> tuple[float, float, float]:
     """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crop, or the
     ten views with --eval-views 10; padding rows weigh 0)."""
     totals = {"loss_sum": 0.0, "top1": 0, "top5": 0, "images": 0}
     for batch, _ in prefetched(loader.epoch_batches(0), workers.put):
-        result = workers.call("evaluate", batch.images, batch.labels, batch.weights)[0]  # every tower: the same
+        result = workers.evaluate(batch.images, batch.labels, batch.weights)
         for key in totals:
             totals[key] += result[key]
     n = max(totals["images"], 1)
@@ -120,23 +132,25 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
     epochs: list[EpochResult] = []
     epoch = 0
     print_fn(f"training {total} steps ({config.epochs} epochs × {steps_per_epoch}) of "
-             f"{config.batch_size} images in {config.microbatches} microbatch(es) on {config.mesh.describe()}")
+             f"{config.batch_size} images in {config.microbatches} microbatch(es) on {config.mesh.describe()}"
+             + (f", {config.schedule} schedule" if config.stages > 1 else ""))
+    loss_rank = config.mesh.lane(0, 0)[-1]  # the last stage holds the loss
     for epoch in range(config.epochs):
         loss_sum, steps_this_epoch = 0.0, 0
         for batch, data_wait in prefetched(train_data.epoch_batches(epoch), workers.put):
             started = time.perf_counter()
-            results = workers.call("train_step", batch.images, batch.labels, lr, batch.lighting)
+            results = workers.train_step(batch.images, batch.labels, lr, batch.lighting)
             wait_share.add(data_wait, time.perf_counter() - started + data_wait)
-            loss = results[0]["loss"]
+            loss = results[loss_rank]["loss"]
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss} at step {progress.steps + 1}: lower --lr or check the data")
-            progress.update(results[0]["images"])
+            progress.update(results[loss_rank]["images"])
             loss_sum, steps_this_epoch = loss_sum + loss, steps_this_epoch + 1
+            if progress.steps == config.trace_step and config.stages > 1:
+                where = f": {write_trace(config.trace, results, config.mesh, progress.steps)}" if config.trace else ""
+                print_fn(f"step {progress.steps}{where}\n{format_summary(step_summary(results))}")
             if progress.steps % config.log_every == 0 or progress.steps == total:
-                comm = max(r["exchange_seconds"] / max(r["seconds"], 1e-9) for r in results)
-                extra = f" | exchange {100 * comm:.0f}%" if config.mesh.towers > 1 else ""
-                extra += f" | data wait {100 * wait_share.fraction:.0f}%"
-                print_fn(progress.line(epoch, config.epochs, loss, lr, extra))
+                print_fn(progress.line(epoch, config.epochs, loss, lr, step_extras(config, results, wait_share)))
             if progress.steps >= total:
                 break
         val_loss, top1, top5 = evaluate(workers, val_data)

@@ -1,8 +1,11 @@
 """`TowerWorker`: the process that owns one (replica, stage, tower) of the mesh.
 
-With towers = 2 it holds one `HalfTower` and exchanges activations with its partner through
-torch.distributed (NCCL on GPU, gloo on CPU); with towers = 1 it holds the whole
-`TwoTowerAlexNet` and exchanges locally. The driver wraps this class as a Ray actor; nothing here
+It holds its stage's layers (stages/split.py) of one tower — a `HalfTower` that exchanges
+activations with its partner tower through torch.distributed (NCCL on GPU, gloo on CPU) — or,
+with towers = 1, of both towers (`TwoTowerAlexNet` restricted to those layers, exchanging
+locally). Each step the driver hands it a `StepPlan`; it runs its stage's schedule over the
+microbatches (cluster/pipeline.py), stage 0 reading the images and the last stage the labels, and
+steps its optimizer after the flush. The driver wraps this class as a Ray actor; nothing here
 imports Ray, so tests can also drive it in-process.
 """
 
@@ -17,11 +20,15 @@ from torch import Tensor
 from cluster import checkpoint, localnet
 from cluster.config import TrainConfig
 from cluster.exchange import ExchangeStats, TowerExchange
+from cluster.pipeline import Link, StageLinks, StageRun, StepPlan
+from cluster.schedule import forward_actions, stage_actions
 from data.transforms import normalize_batch
 from stages.loss import (local_exchange, sharded_cross_entropy, sharded_target_value, sharded_topk_correct,
                          sharded_view_average, tower_loss)
+from stages.config import TOWERS
 from stages.optim import PaperSGD, set_lr
 from stages.reference import TwoTowerAlexNet
+from stages.split import boundary_shape
 from stages.tower import HalfTower
 
 INJECT_FAILURE_ENV = "ALEXNET_INJECT_FAILURE"  # "RANK:STEP": that rank raises at that step (tests)
@@ -31,25 +38,34 @@ class TowerWorker:
     def __init__(self, config: TrainConfig, rank: int):
         self.config, self.mesh, self.rank = config, config.mesh, rank
         self.coord = self.mesh.coord(rank)
+        self.identity = {"rank": rank, "stage": self.coord.stage, "tower": self.coord.tower}
         torch.set_num_threads(config.threads_per_worker)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.layers = config.split[self.coord.stage]
+        self.first_stage = self.coord.stage == 0
+        self.last_stage = self.coord.stage == self.mesh.stages - 1
         model_cfg = config.model_config
-        torch.manual_seed(config.seed * 7919 + rank)  # dropout masks differ per rank
-        if self.mesh.towers == 2:
-            self.model = HalfTower(model_cfg, self.coord.tower, seed=config.seed)
-            self.class_offset = model_cfg.class_offsets[self.coord.tower]
-            self.reference_prefix = f"towers.{self.coord.tower}."
-        else:
-            self.model = TwoTowerAlexNet(model_cfg, seed=config.seed)
-            self.class_offset, self.reference_prefix = 0, ""
-        self.model.to(self.device, memory_format=self.memory_format)
-        self.optimizer = PaperSGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                  weight_decay=config.weight_decay)
+        self.class_offset = model_cfg.class_offsets[self.coord.tower] if self.mesh.towers == 2 else 0
+        self.reference_prefix = f"towers.{self.coord.tower}." if self.mesh.towers == 2 else ""
         self.exchange = local_exchange
         self.exchange_stats = ExchangeStats()
+        self.links = StageLinks()
+        self.reset(config.seed)
         self.steps_done = 0
         self.failure_step = self._injected_failure_step()
+
+    def reset(self, seed: int) -> None:
+        """Fresh weights (the paper's init from `seed`) and optimizer state."""
+        model_cfg = self.config.model_config
+        torch.manual_seed(seed * 7919 + self.rank)  # dropout masks differ per rank
+        if self.mesh.towers == 2:
+            self.model = HalfTower(model_cfg, self.coord.tower, self.layers, seed=seed)
+        else:
+            self.model = TwoTowerAlexNet(model_cfg, seed=seed, layers=self.layers)
+        self.model.to(self.device, memory_format=self.memory_format)
+        self.optimizer = PaperSGD(self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum,
+                                  weight_decay=self.config.weight_decay)
 
     def _injected_failure_step(self) -> int | None:
         """The step at which this rank must fail, if the environment asks for one (fault tests)."""
@@ -69,8 +85,9 @@ class TowerWorker:
         return host, localnet.free_port(host)
 
     def init_distributed(self, host: str, port: int) -> str:
-        """Join the world's process group, then build each tower group (every rank takes part in
-        creating every group, in the same order). Returns the backend used."""
+        """Join the world's process group, then build each tower group and the two groups of each
+        stage link (every rank takes part in creating every group, in the same order). Returns
+        the backend used."""
         if self.mesh.world_size == 1:
             return "none"
         backend = "nccl" if self.device.type == "cuda" else "gloo"
@@ -83,40 +100,59 @@ class TowerWorker:
             if self.rank in ranks and self.mesh.towers > 1:
                 self.exchange = TowerExchange(group, self.mesh.towers)
                 self.exchange_stats = self.exchange.stats
+        for sender, receiver in self.mesh.stage_links():
+            activations = dist.new_group([sender, receiver], timeout=timeout)
+            gradients = dist.new_group([sender, receiver], timeout=timeout)
+            if self.rank == sender:
+                self.links.activations_out = Link(activations, receiver)
+                self.links.gradients_in = Link(gradients, receiver)
+            elif self.rank == receiver:
+                self.links.activations_in = Link(activations, sender)
+                self.links.gradients_out = Link(gradients, sender)
         return backend
 
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-    # --- one step
+    # --- one step: the plan's schedule over this stage's microbatches
 
-    def _logits(self, images: Tensor, lighting: Tensor | None = None) -> Tensor:
-        """uint8 (b, 3, h, w) -> this process's share of the logits, (b, classes held here).
-        `lighting` (b, 3): each image's PCA colour offset, added with the mean subtraction."""
-        x = normalize_batch(images.to(self.device, non_blocking=True), memory_format=self.memory_format,
-                            lighting=lighting)
+    def _run(self, plan: StepPlan, forward) -> StageRun:
+        """Run this stage's actions of `plan`, transferring to and from the neighbouring stages."""
+        m = plan.microbatches
+        in_shape = out_shape = None
+        towers_here = TOWERS // self.mesh.towers
+        if not self.first_stage:
+            in_shape = boundary_shape(self.config.model_config, self.config.split, self.coord.stage - 1,
+                                      plan.rows, towers_here)
+        if not self.last_stage:
+            out_shape = boundary_shape(self.config.model_config, self.config.split, self.coord.stage,
+                                       plan.rows, towers_here)
+        run = StageRun(plan, self.links, in_shape, out_shape, self.device, self.memory_format,
+                       list(self.model.parameters()))
+        if plan.mode == "eval":
+            actions = forward_actions(m)
+        else:
+            actions = stage_actions(plan.schedule, self.coord.stage, self.mesh.stages, m)
+        run.run(actions, forward)
+        return run
+
+    def _stage_forward(self, x: Tensor) -> Tensor:
         if self.mesh.towers == 2:
             return self.model(x, self.exchange)
         return self.model(x)
 
-    def _accumulate_gradients(self, images: Tensor, labels: Tensor,
-                              lighting: Tensor | None = None) -> tuple[float, Tensor | None]:
-        """Forward and backward over the batch's microbatches; returns the batch's mean loss and,
-        with one microbatch, this process's logits (for tests)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self._check_labels(labels)
-        labels = labels.to(self.device)
-        total, batch, logits = 0.0, images.shape[0], None
-        size = self.config.microbatch_size
-        shifts = lighting.split(size) if lighting is not None else [None] * self.config.microbatches
-        for mb_images, mb_labels, mb_lighting in zip(images.split(size), labels.split(size), shifts):
-            logits = self._logits(mb_images, mb_lighting)
-            loss = sharded_cross_entropy(logits, mb_labels, self.class_offset, self.exchange)
-            weight = mb_images.shape[0] / batch  # the batch loss is the size-weighted mean
-            (tower_loss(loss, self.mesh.towers) * weight).backward()
-            total += loss.item() * weight
-        return total, (logits.detach() if self.config.microbatches == 1 else None)
+    def _images(self, images: Tensor, lighting: Tensor | None, rows: int):
+        """Stage 0's input of microbatch i: uint8 images, mean-subtracted with each image's PCA
+        colour offset, as float32 in the configured memory format."""
+        chunks = images.split(rows)
+        shifts = lighting.split(rows) if lighting is not None else [None] * len(chunks)
+
+        def microbatch(i: int) -> Tensor:
+            return normalize_batch(chunks[i].to(self.device, non_blocking=True),
+                                   memory_format=self.memory_format, lighting=shifts[i])
+
+        return microbatch
 
     def _check_labels(self, labels: Tensor) -> None:
         classes = self.config.num_classes
@@ -124,49 +160,97 @@ class TowerWorker:
             raise ValueError(f"labels must be in [0, {classes}) for num_classes {classes}, got "
                              f"[{int(labels.min())}, {int(labels.max())}]: does --num-classes match the data?")
 
-    def train_step(self, images: Tensor, labels: Tensor, lr: float, lighting: Tensor | None = None) -> dict:
-        """One optimizer step on one batch; returns what the driver logs."""
+    def _gradients(self, plan: StepPlan, images: Tensor | None, labels: Tensor | None,
+                   lighting: Tensor | None) -> tuple[StageRun, float, list[Tensor]]:
+        """Forward and backward over the step's microbatches (gradients accumulate); returns the
+        run, the batch's mean loss (last stage) and the last stage's logits per microbatch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        read_images = self._images(images, lighting, plan.rows) if self.first_stage else None
+        if self.last_stage:
+            self._check_labels(labels)
+            targets = labels.to(self.device).split(plan.rows)
+        losses, logits = [], []
+
+        def forward(i: int, x: Tensor | None) -> Tensor:
+            out = self._stage_forward(read_images(i) if x is None else x)
+            if not self.last_stage:
+                return out
+            loss = sharded_cross_entropy(out, targets[i], self.class_offset, self.exchange)
+            losses.append(loss.item())
+            logits.append(out.detach())
+            # every microbatch is the same size: the batch loss is their mean
+            return tower_loss(loss, self.mesh.towers) / plan.microbatches
+
+        run = self._run(plan, forward)
+        return run, sum(losses) / plan.microbatches if losses else float("nan"), logits
+
+    def train_step(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
+                   lighting: Tensor | None = None) -> dict:
+        """One optimizer step on one batch: stage 0 gets the images (and lighting), the last stage
+        the labels. Returns what the driver logs; `loss` is NaN except at the last stage."""
         start = time.perf_counter()
         if self.steps_done == self.failure_step:
             raise RuntimeError(f"failure injected by {INJECT_FAILURE_ENV} at rank {self.rank}, step {self.steps_done}")
         self.steps_done += 1
-        self.model.train()
         self.exchange_stats.reset()
-        set_lr(self.optimizer, lr)
-        loss, _ = self._accumulate_gradients(images, labels, lighting)
+        set_lr(self.optimizer, plan.lr)
+        run, loss, _ = self._gradients(plan, images, labels, lighting)
+        optimizer_start = time.time()
         self.optimizer.step()
-        return {"loss": loss, "images": images.shape[0], "seconds": time.perf_counter() - start,
-                "exchange_seconds": self.exchange_stats.seconds,
-                "exchange_bytes": self.exchange_stats.bytes_sent}
+        run.timeline.add("optimizer", -1, optimizer_start)
+        return {"loss": loss, "images": plan.rows * plan.microbatches, "seconds": time.perf_counter() - start,
+                "exchange_seconds": self.exchange_stats.seconds, "exchange_bytes": self.exchange_stats.bytes_sent,
+                **self.identity, **run.report()}
 
     @torch.no_grad()
-    def evaluate(self, images: Tensor, labels: Tensor, weights: Tensor | None = None) -> dict:
-        """Loss sum and top-1/top-5 hits over one validation batch (every tower gets the same).
+    def evaluate(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
+                 weights: Tensor | None = None) -> dict | None:
+        """Loss sum and top-1/top-5 hits over one validation batch, at the last stage (other
+        stages return None).
 
         images: uint8 (b, 3, h, w), or (b, views, 3, h, w) for the paper's 10-view test, whose
         softmax is averaged over the views. weights (b,): 0 for padding rows, else 1."""
         self.model.eval()
-        self._check_labels(labels)
-        labels = labels.to(self.device)
-        views = images.shape[1] if images.dim() == 5 else 1
-        logits = self._logits(images.flatten(0, 1) if views > 1 else images)
-        log_probs = sharded_view_average(logits, views, self.exchange)  # (b, classes held here)
-        losses = -sharded_target_value(log_probs, labels, self.class_offset, self.exchange)
-        w = torch.ones_like(losses) if weights is None else weights.to(losses)
-        top1, top5 = sharded_topk_correct(log_probs, labels, self.class_offset, self.exchange, (1, 5), w)
-        return {"loss_sum": float((losses * w).sum()), "top1": top1, "top5": top5, "images": float(w.sum())}
+        totals = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "images": 0.0}
+        views = self.config.eval_views
+        if self.first_stage:
+            read_images = self._images(images.flatten(0, 1) if images.dim() == 5 else images, None, plan.rows)
+        if self.last_stage:
+            self._check_labels(labels)
+            per_microbatch = plan.rows // views
+            targets = labels.to(self.device).split(per_microbatch)
+            w = torch.ones(labels.shape[0]) if weights is None else weights
+            row_weights = w.to(self.device, torch.float32).split(per_microbatch)
+
+        def forward(i: int, x: Tensor | None) -> Tensor:
+            out = self._stage_forward(read_images(i) if x is None else x)
+            if self.last_stage:
+                log_probs = sharded_view_average(out, views, self.exchange)  # (b, classes held here)
+                losses = -sharded_target_value(log_probs, targets[i], self.class_offset, self.exchange)
+                top1, top5 = sharded_topk_correct(log_probs, targets[i], self.class_offset, self.exchange,
+                                                  (1, 5), row_weights[i])
+                for key, value in (("loss_sum", float((losses * row_weights[i]).sum())), ("top1", top1),
+                                   ("top5", top5), ("images", float(row_weights[i].sum()))):
+                    totals[key] += value
+            return out
+
+        self._run(plan, forward)
+        return totals if self.last_stage else None
 
     # --- inspection (tests) and checkpoints
 
-    def probe(self, images: Tensor, labels: Tensor, lighting: Tensor | None = None) -> dict:
-        """Loss, this process's logits and gradients for one batch, without an optimizer step,
-        named as in the reference network (`towers.{t}.layers...`)."""
-        self.model.train()
-        loss, logits = self._accumulate_gradients(images, labels, lighting)
+    def probe(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
+              lighting: Tensor | None = None) -> dict:
+        """One step's loss, logits (last stage, microbatches concatenated) and this process's
+        gradients, without an optimizer step, named as in the reference network
+        (`towers.{t}.layers...`), plus the step's report."""
+        run, loss, logits = self._gradients(plan, images, labels, lighting)
         grads = {self.reference_prefix + name: p.grad.detach().cpu().clone()
                  for name, p in self.model.named_parameters()}
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "logits": None if logits is None else logits.cpu(), "grads": grads}
+        return {"loss": loss, "logits": torch.cat(logits).cpu() if logits else None, "grads": grads,
+                **self.identity, **run.report()}
 
     def named_parameters(self) -> dict[str, Tensor]:
         return {self.reference_prefix + name: p.detach().cpu().clone()

@@ -92,7 +92,7 @@ def decode_rgb(jpg: bytes) -> np.ndarray:
             pass  # let PIL try: it is more lenient with unusual files
     try:
         with Image.open(io.BytesIO(jpg)) as image:
-            return np.asarray(image.convert("RGB"))  # (H, W, 3)
+            return np.array(image.convert("RGB"))  # (H, W, 3), writable: torch.from_numpy takes it
     except Exception as err:  # PIL raises many types for bad data
         raise ValueError(f"cannot decode image ({len(jpg)} bytes): {err}") from err
 

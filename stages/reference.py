@@ -2,8 +2,11 @@
 
 It is the test oracle every parallel configuration must match, and the model for inference and
 export on one device. Its towers are the same `HalfTower` modules the distributed workers run, so
-parameter names are `towers.{tower}.layers.{layer}.{conv|fc}.{weight|bias}`.
+parameter names are `towers.{tower}.layers.{layer}.{conv|fc}.{weight|bias}`. Given a run of
+`layers`, it is one pipeline stage of both towers (what a towers = 1 actor holds).
 """
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,15 +16,19 @@ from stages.tower import CROSS_LAYERS, LAYERS, HalfTower
 
 
 class TwoTowerAlexNet(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, layers: Sequence[str] = LAYERS):
         super().__init__()
-        self.cfg = cfg
-        self.towers = nn.ModuleList(HalfTower(cfg, tower, seed=seed) for tower in range(TOWERS))
+        self.cfg, self.layer_names = cfg, tuple(layers)
+        self.towers = nn.ModuleList(HalfTower(cfg, tower, layers, seed=seed) for tower in range(TOWERS))
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(b, 3, 224, 224) -> (b, 1000) logits, tower 0's classes first."""
-        maps = [images] * TOWERS  # both towers see the whole image
-        for name in LAYERS:
+    def forward(self, x: Tensor) -> Tensor:
+        """(b, 3, 224, 224) images -> (b, 1000) logits, tower 0's classes first. A stage that
+        starts later takes and a stage that ends earlier returns both towers' maps concatenated."""
+        if self.layer_names[0] == LAYERS[0]:
+            maps = [x] * TOWERS  # both towers see the whole image
+        else:
+            maps = list(x.chunk(TOWERS, dim=1))  # tower 0's maps, then tower 1's (equal widths)
+        for name in self.layer_names:
             if name in CROSS_LAYERS:  # the local exchange: concatenate both towers' maps
                 maps = [torch.cat(maps, dim=1)] * TOWERS
             maps = [tower.layers[name](x) for tower, x in zip(self.towers, maps)]

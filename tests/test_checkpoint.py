@@ -7,7 +7,10 @@ import torch
 
 from cluster import checkpoint
 from cluster.config import TrainConfig
+from cluster.pipeline import StepPlan
 from cluster.worker import TowerWorker
+
+STEP = StepPlan("train", microbatches=1, rows=4, lr=0.01)  # one whole-batch step of 4 images
 
 
 def _worker() -> TowerWorker:
@@ -21,7 +24,7 @@ def test_shard_round_trips_weights_and_momentum(tmp_path):
     trained = _worker()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 63, 63), dtype=torch.uint8, generator=g)
-    trained.train_step(images, torch.tensor([0, 1, 2, 3]), 0.01)
+    trained.train_step(STEP, images, torch.tensor([0, 1, 2, 3]))
     path = trained.save(str(tmp_path))
     assert path == str(tmp_path / checkpoint.shard_file(0))
 
@@ -33,7 +36,7 @@ def test_shard_round_trips_weights_and_momentum(tmp_path):
     assert len(velocities) == len(list(trained.model.parameters())) and any(v.abs().sum() > 0 for v in velocities)
     # the next step is then identical too
     for worker in (trained, restored):
-        worker.train_step(images, torch.tensor([3, 2, 1, 0]), 0.01)
+        worker.train_step(STEP, images, torch.tensor([3, 2, 1, 0]))
     for (name, a), b in zip(trained.named_parameters().items(), restored.named_parameters().values()):
         assert torch.equal(a, b), name
 

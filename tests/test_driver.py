@@ -2,6 +2,7 @@
 evaluates and checkpoints; an actor's exception reaches the user with its traceback; every
 listener of a local run is on 127.0.0.1; nothing is left running."""
 
+import json
 import os
 import re
 import subprocess
@@ -32,6 +33,9 @@ def tiny_run_args(demo, run_dir, *extra) -> list[str]:
     (["--recipe", "resnet"], "recipe must be one of alexnet_2012, demo, got 'resnet'"),
     (["--towers", "3"], "towers must be one of 1, 2, got 3"),
     (["--replicas", "2"], "replicas must be one of 1, got 2"),
+    (["--stages", "9"], "stages must be one of 1, 2, 3, 4, 5, 6, 7, 8, got 9"),
+    (["--stages", "2", "--stage-split", "conv1-conv2 | conv2-fc8"], "stage_split: split 'conv1-conv2 | conv2-fc8' repeats conv2"),
+    (["--schedule", "interleaved"], "schedule must be one of 1f1b, gpipe, got 'interleaved'"),
     (["--variant", "alexnet-v2"], "variant must be one of paper, cuda-convnet-2012, got 'alexnet-v2'"),
     (["--lr-schedule", "cosine"], "lr_schedule must be one of plateau, milestones, got 'cosine'"),
     (["--train-data", "/nonexistent/train-{000000..000003}.tar"], "train_data: "),
@@ -129,6 +133,26 @@ def test_actor_exception_surfaces_with_traceback_and_nonzero_exit(tiny_demo, tmp
     assert re.search(r"File \".*cluster/worker.py\", line \d+, in train_step", err), err[-3000:]
     assert "failure injected by ALEXNET_INJECT_FAILURE at rank 1, step 2" in err
     assert "step 2/7" in out and "step 4/7" not in out
+
+
+def test_pipeline_run_prints_its_split_and_bubble_and_writes_a_trace(tiny_demo, tmp_path, capsys):
+    trace = tmp_path / "traces" / "step2.json"
+    args = tiny_run_args(tiny_demo, tmp_path / "run", "--stages", "2", "--stage-split", "conv1-conv2 | conv3-fc8",
+                         "--microbatches", "4", "--schedule", "gpipe", "--max-steps", "3", "--log-every", "1",
+                         "--trace", str(trace))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "pipeline stages (gpipe, 4 microbatch(es) per step):\n  stage 0: conv1, conv2  (" in out, out
+    assert "  stage 1: conv3, conv4, conv5, fc6, fc7, fc8  (" in out
+    assert re.search(r"step 3/3 \| .* \| exchange \d+% \| bubble \d+% \| data wait", out), out
+    assert f"step 2: {trace}\npipeline bubble " in out
+    assert re.search(r"stage 1 tower 1 \(rank 3\): compute \d+ ms, wait \d+ ms, bubble [\d.]+%, peak 4 microbatch", out)
+    with open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    assert {e["pid"] for e in events} == {0, 1, 2, 3}  # 2 stages × 2 towers
+    manifest = checkpoint.read_manifest(str(tmp_path / "run" / "checkpoint-00000003"))
+    assert manifest["mesh"] == {"replicas": 1, "stages": 2, "towers": 2} and len(manifest["shards"]) == 4
+    assert manifest["config"]["stage_split"] == "conv1-conv2 | conv3-fc8"
 
 
 def test_labels_outside_the_class_range_stop_the_run_before_any_actor(tiny_demo, tmp_path, capsys):

@@ -17,12 +17,23 @@ def test_ranks_are_tower_fastest_and_round_trip():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"towers": 3}, "towers must be one of 1, 2, got 3: the paper splits every layer across two towers"),
-    ({"stages": 2}, "stages must be one of 1, got 2"),
+    ({"stages": 9}, "stages must be one of 1, 2, 3, 4, 5, 6, 7, 8, got 9: each stage holds at least one of the 8 layers"),
+    ({"stages": 0}, "stages must be one of 1, .*, got 0"),
     ({"replicas": 0}, "replicas must be one of 1, got 0"),
 ])
 def test_unsupported_mesh_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Mesh(**kwargs)
+
+
+def test_lanes_and_stage_links():
+    # 3 stages × 2 towers: ranks (stage, tower) = 0:(0,0) 1:(0,1) 2:(1,0) 3:(1,1) 4:(2,0) 5:(2,1)
+    mesh = Mesh(stages=3, towers=2)
+    assert mesh.lane(0, 0) == [0, 2, 4] and mesh.lane(0, 1) == [1, 3, 5]
+    assert mesh.tower_groups() == [[0, 1], [2, 3], [4, 5]]
+    assert mesh.stage_links() == [(0, 2), (2, 4), (1, 3), (3, 5)]
+    assert Mesh(stages=2, towers=1).stage_links() == [(0, 1)]
+    assert Mesh(stages=1).stage_links() == []
 
 
 def test_rank_outside_the_mesh_is_refused():

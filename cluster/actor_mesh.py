@@ -92,27 +92,32 @@ class ActorMesh:
         views = self.config.eval_views if mode == "eval" else 1
         return StepPlan(mode, m, self.config.batch_size // m * views, schedule or self.config.schedule, lr)
 
-    def _step(self, method: str, plan: StepPlan, images, labels, first_extra=None, last_extra=None) -> list:
+    def _step(self, method: str, plan: StepPlan, first: dict, last: dict) -> list:
+        """`method(plan, **inputs)` on every actor: stage 0 gets `first` (images and what goes
+        with them), the last stage `last` (labels and what goes with them), a stage that is both
+        gets both."""
         refs = []
         for rank, actor in enumerate(self.actors):
             stage = self.mesh.coord(rank).stage
-            first, last = stage == 0, stage == self.mesh.stages - 1
-            refs.append(getattr(actor, method).remote(
-                plan, images if first else None, labels if last else None,
-                first_extra if first else last_extra if last else None))
+            inputs = {**(first if stage == 0 else {}), **(last if stage == self.mesh.stages - 1 else {})}
+            refs.append(getattr(actor, method).remote(plan, **inputs))
         return self._gather(refs)
 
     def train_step(self, images, labels, lr: float, lighting=None, **plan) -> list[dict]:
         """One optimizer step on every actor; the reports in rank order."""
-        return self._step("train_step", self.plan("train", lr, **plan), images, labels, first_extra=lighting)
+        return self._step("train_step", self.plan("train", lr, **plan), {"images": images, "lighting": lighting},
+                          {"labels": labels})
 
     def probe(self, images, labels, lighting=None, **plan) -> list[dict]:
         """Loss, logits and gradients of one batch without a step (tests)."""
-        return self._step("probe", self.plan("probe", **plan), images, labels, first_extra=lighting)
+        return self._step("probe", self.plan("probe", **plan), {"images": images, "lighting": lighting},
+                          {"labels": labels})
 
     def evaluate(self, images, labels, weights=None, **plan) -> dict:
-        """Loss sum and top-k hits of one validation batch, from the last stage."""
-        results = self._step("evaluate", self.plan("eval", **plan), images, labels, last_extra=weights)
+        """Loss sum and top-k hits of one validation batch (padding rows weigh 0), from the last
+        stage of tower 0 (every tower of it computes the same)."""
+        results = self._step("evaluate", self.plan("eval", **plan), {"images": images},
+                             {"labels": labels, "weights": weights})
         return results[self.mesh.lane(0, 0)[-1]]
 
     @staticmethod

@@ -64,7 +64,8 @@ def test_evaluation_matches_reference(local_ray, views):
     expected = reference_evaluation(config, images, labels, weights)
     workers = ActorMesh(config, localnet.loopback_env())
     try:
-        results = workers.call("evaluate", workers.plan("eval"), images, labels, weights)  # both towers
+        results = [workers.evaluate(images, labels, weights)]  # the driver's path
+        results += workers.call("evaluate", workers.plan("eval"), images, labels, weights)  # both towers
     finally:
         workers.shutdown()
     for result in results:  # every tower computes the same totals

@@ -76,6 +76,10 @@ class TrainConfig:
     # --- run
     run_dir: str = _opt("runs/demo", "where checkpoints and logs go")
     log_every: int = _opt(5, "steps between progress lines")
+    checkpoint_every: int = _opt(0, "steps between checkpoints; 0: at the end of every epoch (and always at the end)")
+    keep_checkpoints: int = _opt(3, "newest checkpoints kept in run_dir; older ones are deleted")
+    resume: str = _opt("auto", "`auto`: continue from run_dir's newest complete checkpoint if there is one; "
+                               "`never`; or a checkpoint directory")
     address: str = _opt("", "Ray cluster address; empty: the cluster this job runs in, else a new local one")
     collective_timeout_s: float = _opt(300.0, "seconds a collective may wait before the run fails")
     placement_timeout_s: float = _opt(120.0, "seconds every actor has to start before the run fails")
@@ -87,7 +91,9 @@ class TrainConfig:
         self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "loader_threads", "batch_size",
                              "microbatches", "epochs", "log_every", "lr_patience", "trace_step",
                              "collective_timeout_s", "placement_timeout_s")
-        self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops")
+        self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops", "checkpoint_every")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
         if self.batch_size % self.microbatches:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by microbatches "
                               f"{self.microbatches}: allowed microbatches are divisors of the batch")

@@ -19,11 +19,12 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import ray  # noqa: E402
 
-from cluster import localnet  # noqa: E402
+from cluster import checkpoint, localnet  # noqa: E402
+from cluster.checkpoint import CheckpointError  # noqa: E402
 from cluster.actor_mesh import ActorMesh, PlacementError  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
-from cluster.trainer import NonFiniteLoss, train  # noqa: E402
+from cluster.trainer import NonFiniteLoss, Start, resume_point, total_steps, train  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
 from data.loader import DataError, ShardBatches  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
@@ -46,6 +47,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """The recipe with the user's flags, paths made absolute (actors may run elsewhere)."""
     config = build_config(args.recipe, **overrides(args))
     changes = {"run_dir": os.path.abspath(os.path.expanduser(config.run_dir))}
+    if config.resume not in ("auto", "never"):
+        changes["resume"] = os.path.abspath(os.path.expanduser(config.resume))
     if config.train_data == DEMO_DATA or config.val_data == DEMO_DATA:
         demo = ensure_demo_dataset()
         if config.num_classes != len(demo.class_names):
@@ -73,6 +76,20 @@ def open_data(config: TrainConfig) -> tuple[ShardBatches, ShardBatches]:
     train_data = ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting, **common)
     val_data = ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views, **common)
     return train_data, val_data
+
+
+def find_start(config: TrainConfig, train_data: ShardBatches) -> Start:
+    """Step 0, or the checkpoint --resume names (`auto`: run_dir's newest complete one), verified
+    (every shard's sha256), of the same architecture and mesh, its reader position ours."""
+    directory = checkpoint.find_resume(config.run_dir, config.resume)
+    if directory is None:
+        return Start()
+    manifest = checkpoint.read_manifest(directory)
+    checkpoint.check_compatible(manifest, config.to_dict(), directory)
+    try:
+        return resume_point(directory, manifest, train_data)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {directory}: {err}") from None
 
 
 @contextlib.contextmanager
@@ -105,11 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve_config(args)
         train_data, val_data = open_data(config)
+        start = find_start(config, train_data)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.show_config:
         print(json.dumps(config.to_dict(), indent=1, default=list))
+        return 0
+    if start.step >= total_steps(config, train_data):
+        print(f"nothing to train: {start.directory} is at step {start.step} of "
+              f"{total_steps(config, train_data)}; raise --epochs or --max-steps to go on")
         return 0
     print(f"recipe {config.recipe}: {config.mesh.describe()}; run dir {config.run_dir}", flush=True)
     if config.stages > 1:
@@ -126,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
         try:
-            result = train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True))
+            if start.directory:
+                workers.call("load", start.directory)
+                print(f"resumed from {start.directory}", flush=True)
+            result = train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
+                           start=start)
         except (ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
             print(f"error: training failed: {err}", file=sys.stderr, flush=True)
             return 1

@@ -16,9 +16,10 @@ class Progress:
     """Rate and ETA over the steps done so far in this run (the first step, which pays for warm-up,
     is left out of the rate once there are others)."""
 
-    def __init__(self, total_steps: int, clock=time.perf_counter):
+    def __init__(self, total_steps: int, clock=time.perf_counter, done: int = 0):
+        """`done`: steps a resumed run had already taken; rate and ETA count this run's only."""
         self.total_steps, self.clock = total_steps, clock
-        self.steps = 0
+        self.steps = self.first_step = done
         self.images = 0
         self.started = clock()
         self.warm_start: float | None = None
@@ -27,7 +28,7 @@ class Progress:
     def update(self, images: int) -> None:
         self.steps += 1
         self.images += images
-        if self.steps == 1:
+        if self.warm_start is None:
             self.warm_start = self.clock()
         else:
             self.warm_images += images
@@ -42,9 +43,10 @@ class Progress:
     @property
     def seconds_per_step(self) -> float:
         now = self.clock()
-        if self.steps > 1:
-            return (now - self.warm_start) / (self.steps - 1)
-        return (now - self.started) / max(self.steps, 1)
+        run = self.steps - self.first_step  # steps of this run
+        if run > 1:
+            return (now - self.warm_start) / (run - 1)
+        return (now - self.started) / max(run, 1)
 
     def eta(self) -> float:
         return self.seconds_per_step * (self.total_steps - self.steps)

@@ -119,25 +119,78 @@ def evaluate(workers, loader: ShardBatches) -> tuple[float, float, float]:
     return totals["loss_sum"] / n, totals["top1"] / n, totals["top5"] / n
 
 
+@dataclasses.dataclass
+class Start:
+    """Where a run begins: step 0, or a checkpoint's position and loop state."""
+
+    step: int = 0
+    epoch: int = 0
+    next_batch: int = 0  # of `epoch`; batches_per_epoch: the epoch's steps are all done
+    trainer: dict = dataclasses.field(default_factory=dict)  # schedule state, the epoch's loss sum
+    directory: str = ""  # the checkpoint it comes from
+
+
+def total_steps(config: TrainConfig, train_data: ShardBatches) -> int:
+    """Optimizer steps of the whole run: every epoch's batches, or --max-steps if fewer."""
+    total = config.epochs * train_data.batches_per_epoch
+    return min(total, config.max_steps) if config.max_steps else total
+
+
+def resume_point(directory: str, manifest: dict, train_data: ShardBatches) -> Start:
+    """The Start a checkpoint's manifest describes, its reader position checked against ours."""
+    epoch, next_batch = train_data.check_state(manifest[checkpoint.KEY_LOADER])
+    return Start(manifest[checkpoint.KEY_STEP], epoch, next_batch, manifest[checkpoint.KEY_TRAINER], directory)
+
+
+class Checkpointer:
+    """Writes checkpoints: every actor its shard, then the manifest with the reader's position
+    and the loop's state, then prunes to the newest `keep_checkpoints`."""
+
+    def __init__(self, config: TrainConfig, workers, train_data: ShardBatches, print_fn):
+        self.config, self.workers, self.train_data, self.print_fn = config, workers, train_data, print_fn
+        self.last_step = -1
+
+    def save(self, step: int, epoch: int, next_batch: int, schedule, epoch_loss_sum: float) -> str:
+        directory = checkpoint.checkpoint_dir(self.config.run_dir, step)
+        if step == self.last_step:
+            return directory
+        os.makedirs(directory, exist_ok=True)
+        shards = self.workers.call("save", directory)
+        trainer = {"schedule": schedule.state_dict(), "epoch_loss_sum": epoch_loss_sum}
+        checkpoint.write_manifest(directory, step=step, epoch=epoch, config=self.config.to_dict(),
+                                  mesh=dataclasses.asdict(self.config.mesh), shard_paths=shards,
+                                  loader=self.train_data.state_dict(epoch, next_batch), trainer=trainer)
+        checkpoint.prune(self.config.run_dir, self.config.keep_checkpoints)
+        self.last_step = step
+        self.print_fn(f"checkpoint: {os.path.abspath(directory)}")
+        return directory
+
+
 def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: ShardBatches,
-          print_fn=print) -> TrainResult:
+          print_fn=print, start: Start | None = None) -> TrainResult:
+    start = start or Start()
     schedule = make_schedule(config)
+    if start.trainer:
+        schedule.load_state_dict(start.trainer["schedule"])
     lr = schedule.lr
     steps_per_epoch = train_data.batches_per_epoch
-    total = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total = min(total, config.max_steps)
-    progress = Progress(total)
+    total = total_steps(config, train_data)
+    progress = Progress(total, done=start.step)
     wait_share = WaitShare()
+    saver = Checkpointer(config, workers, train_data, print_fn)
     epochs: list[EpochResult] = []
-    epoch = 0
+    epoch, batch_index, loss_sum = start.epoch, start.next_batch, start.trainer.get("epoch_loss_sum", 0.0)
     print_fn(f"training {total} steps ({config.epochs} epochs × {steps_per_epoch}) of "
              f"{config.batch_size} images in {config.microbatches} microbatch(es) on {config.mesh.describe()}"
-             + (f", {config.schedule} schedule" if config.stages > 1 else ""))
+             + (f", {config.schedule} schedule" if config.stages > 1 else "")
+             + (f"; resuming at step {start.step} (epoch {start.epoch + 1}, batch {start.next_batch})" if start.step else ""))
     loss_rank = config.mesh.lane(0, 0)[-1]  # the last stage holds the loss
-    for epoch in range(config.epochs):
-        loss_sum, steps_this_epoch = 0.0, 0
-        for batch, data_wait in prefetched(train_data.epoch_batches(epoch), workers.put):
+    for epoch in range(start.epoch, config.epochs):
+        if epoch != start.epoch:
+            batch_index, loss_sum = 0, 0.0
+        for batch, data_wait in prefetched(train_data.epoch_batches(epoch, batch_index), workers.put):
+            if progress.steps >= total:
+                break
             started = time.perf_counter()
             results = workers.train_step(batch.images, batch.labels, lr, batch.lighting)
             wait_share.add(data_wait, time.perf_counter() - started + data_wait)
@@ -145,28 +198,27 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss} at step {progress.steps + 1}: lower --lr or check the data")
             progress.update(results[loss_rank]["images"])
-            loss_sum, steps_this_epoch = loss_sum + loss, steps_this_epoch + 1
+            loss_sum, batch_index = loss_sum + loss, batch.index + 1
             if progress.steps == config.trace_step and config.stages > 1:
                 where = f": {write_trace(config.trace, results, config.mesh, progress.steps)}" if config.trace else ""
                 print_fn(f"step {progress.steps}{where}\n{format_summary(step_summary(results))}")
             if progress.steps % config.log_every == 0 or progress.steps == total:
                 print_fn(progress.line(epoch, config.epochs, loss, lr, step_extras(config, results, wait_share)))
-            if progress.steps >= total:
-                break
+            if config.checkpoint_every and progress.steps % config.checkpoint_every == 0:
+                saver.save(progress.steps, epoch, batch_index, schedule, loss_sum)
         val_loss, top1, top5 = evaluate(workers, val_data)
-        epochs.append(EpochResult(epoch, loss_sum / max(steps_this_epoch, 1), val_loss, top1, top5))
-        print_fn(f"epoch {epoch + 1}/{config.epochs}: train loss {epochs[-1].train_loss:.4f} | "
-                 f"val loss {val_loss:.4f} | val top-1 {100 * top1:.1f}% | val top-5 {100 * top5:.1f}% "
-                 f"| elapsed {format_duration(progress.clock() - progress.started)}")
+        epochs.append(EpochResult(epoch, loss_sum / max(batch_index, 1), val_loss, top1, top5))
+        finished = batch_index == steps_per_epoch
+        print_fn(f"epoch {epoch + 1}/{config.epochs}{'' if finished else f' (stopped after batch {batch_index})'}: "
+                 f"train loss {epochs[-1].train_loss:.4f} | val loss {val_loss:.4f} | val top-1 {100 * top1:.1f}% "
+                 f"| val top-5 {100 * top5:.1f}% | elapsed {format_duration(progress.clock() - progress.started)}")
+        if not finished:  # max_steps ended the run inside the epoch: its schedule step is yet to come
+            break
         lr = schedule.end_epoch(epoch, 1.0 - top1)
+        epoch, batch_index, loss_sum = epoch + 1, 0, 0.0
+        if not config.checkpoint_every or progress.steps >= total:
+            saver.save(progress.steps, epoch, batch_index, schedule, loss_sum)
         if progress.steps >= total:
             break
-    directory = checkpoint.checkpoint_dir(config.run_dir, progress.steps)
-    os.makedirs(directory, exist_ok=True)
-    shards = workers.call("save", directory)
-    finished_epoch = steps_this_epoch == steps_per_epoch
-    loader = train_data.state_dict(epoch + 1 if finished_epoch else epoch, 0 if finished_epoch else steps_this_epoch)
-    checkpoint.write_manifest(directory, step=progress.steps, epoch=epoch, config=config.to_dict(),
-                              mesh=dataclasses.asdict(config.mesh), shard_paths=shards, loader=loader)
-    print_fn(f"checkpoint: {os.path.abspath(directory)}")
+    directory = saver.save(progress.steps, epoch, batch_index, schedule, loss_sum)
     return TrainResult(progress.steps, epochs, directory, progress.images_per_second, wait_share.fraction)

@@ -261,7 +261,8 @@ class TowerWorker:
         path = os.path.join(directory, checkpoint.shard_file(self.rank))
         state = {checkpoint.SHARD_MODEL: {k: v.cpu() for k, v in self.model.state_dict().items()},
                  checkpoint.SHARD_OPTIMIZER: self.optimizer.state_dict(),
-                 checkpoint.SHARD_COORD: [self.coord.replica, self.coord.stage, self.coord.tower]}
+                 checkpoint.SHARD_COORD: [self.coord.replica, self.coord.stage, self.coord.tower],
+                 checkpoint.SHARD_RNG: torch.get_rng_state()}
         tmp = path + ".tmp"
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -273,5 +274,10 @@ class TowerWorker:
     def load(self, directory: str) -> None:
         state = torch.load(os.path.join(directory, checkpoint.shard_file(self.rank)), weights_only=True,
                            map_location=self.device)
+        coord = [self.coord.replica, self.coord.stage, self.coord.tower]
+        if list(state[checkpoint.SHARD_COORD]) != coord:
+            raise ValueError(f"shard {checkpoint.shard_file(self.rank)} belongs to (replica, stage, tower) "
+                             f"{tuple(state[checkpoint.SHARD_COORD])}, not this rank's {tuple(coord)}")
         self.model.load_state_dict(state[checkpoint.SHARD_MODEL])
         self.optimizer.load_state_dict(state[checkpoint.SHARD_OPTIMIZER])
+        torch.set_rng_state(state[checkpoint.SHARD_RNG].cpu())  # the same dropout masks from here on

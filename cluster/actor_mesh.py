@@ -78,8 +78,25 @@ class ActorMesh:
         pending = refs
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done[0])  # raises the actor's exception
+            try:
+                ray.get(done[0])  # raises the actor's exception
+            except ray.exceptions.RayTaskError as err:
+                raise ActorMesh._death_behind(pending) or err
         return ray.get(refs)
+
+    @staticmethod
+    def _death_behind(pending: list, wait_s: float = 5.0) -> Exception | None:
+        """When one actor dies, its partners fail first (the link or collective they were in
+        broke): report the death, the cause, if Ray sees it within `wait_s`."""
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=wait_s) if pending else ([], [])
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as died:
+                return died
+            except ray.exceptions.RayError:
+                pass
+        return None
 
     # --- steps: one plan for every actor; images to stage 0, labels to the last stage
 

@@ -83,6 +83,8 @@ class TrainConfig:
     address: str = _opt("", "Ray cluster address; empty: the cluster this job runs in, else a new local one")
     collective_timeout_s: float = _opt(300.0, "seconds a collective may wait before the run fails")
     placement_timeout_s: float = _opt(120.0, "seconds every actor has to start before the run fails")
+    max_restarts: int = _opt(3, "times the mesh is rebuilt from the last checkpoint after an actor dies or a "
+                                "collective fails or times out, before the run fails")
     trace: str = _opt("", "write a Chrome-trace/Perfetto JSON of step --trace-step across all actors to this file")
     trace_step: int = _opt(2, "the step whose per-actor timeline is printed (pipelines) and --trace records "
                               "(the first pays for warm-up)")
@@ -91,7 +93,8 @@ class TrainConfig:
         self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "loader_threads", "batch_size",
                              "microbatches", "epochs", "log_every", "lr_patience", "trace_step",
                              "collective_timeout_s", "placement_timeout_s")
-        self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops", "checkpoint_every")
+        self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops", "checkpoint_every",
+                                 "max_restarts")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
         if self.batch_size % self.microbatches:

@@ -18,13 +18,14 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from cluster import checkpoint, localnet  # noqa: E402
 from cluster.checkpoint import CheckpointError  # noqa: E402
 from cluster.actor_mesh import ActorMesh, PlacementError  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
-from cluster.trainer import NonFiniteLoss, Start, resume_point, total_steps, train  # noqa: E402
+from cluster.trainer import NonFiniteLoss, Start, TrainResult, resume_point, total_steps, train  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
 from data.loader import DataError, ShardBatches  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
@@ -116,6 +117,50 @@ def ray_session(config: TrainConfig):
             restore_env()
 
 
+# What torch.distributed's backends put in the RuntimeErrors they raise when a peer is gone or hangs.
+_TRANSPORT_ERRORS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL", "Timed out")
+
+
+def restartable(err: Exception) -> bool:
+    """A failure of the machinery, not of the training code: an actor process that died, or a
+    collective or transfer that failed or timed out (a peer died or hung)."""
+    if isinstance(err, ray.exceptions.RayActorError):
+        return True
+    if not isinstance(err, ray.exceptions.RayTaskError):
+        return False
+    cause = err.cause
+    return isinstance(cause, dist.DistError) or (
+        isinstance(cause, RuntimeError) and any(marker in str(cause) for marker in _TRANSPORT_ERRORS))
+
+
+def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches, val_data: ShardBatches,
+                        start: Start) -> TrainResult:
+    """Train; when an actor dies or a collective fails, tear the mesh down, start a new one, load
+    the newest checkpoint and go on, up to --max-restarts times."""
+    restarts = 0
+    while True:
+        workers = ActorMesh(config, env)
+        try:
+            if start.directory:
+                workers.call("load", start.directory)
+                print(f"resumed from {start.directory}", flush=True)
+            return train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
+                         start=start)
+        except ray.exceptions.RayError as err:
+            if not restartable(err) or restarts >= config.max_restarts:
+                if restarts:
+                    print(f"giving up after {restarts} restart(s) (--max-restarts {config.max_restarts})",
+                          file=sys.stderr, flush=True)
+                raise
+            restarts += 1
+            cause = str(err).strip().splitlines()[0]
+            start = find_start(config.replace(resume="auto"), train_data)
+            print(f"restart {restarts}/{config.max_restarts}: {type(err).__name__}: {cause}; going on from "
+                  f"{start.directory or 'step 0 (no checkpoint yet)'}", flush=True)
+        finally:
+            workers.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -140,24 +185,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{split_table(config.split, costs)}", flush=True)
     with ray_session(config) as env:
         try:
-            workers = ActorMesh(config, env)
+            result = train_with_restarts(config, env, train_data, val_data, start)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except PlacementError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        try:
-            if start.directory:
-                workers.call("load", start.directory)
-                print(f"resumed from {start.directory}", flush=True)
-            result = train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
-                           start=start)
-        except (ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
+        except (PlacementError, ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
             print(f"error: training failed: {err}", file=sys.stderr, flush=True)
             return 1
-        finally:
-            workers.shutdown()
     last = result.epochs[-1]
     print(f"done: {result.steps} steps, val top-1 {100 * last.val_top1:.1f}%, top-5 {100 * last.val_top5:.1f}%, "
           f"{result.images_per_second:.1f} img/s, data wait {100 * result.data_wait_fraction:.1f}% of step time; "

@@ -1,0 +1,93 @@
+"""Actor failure: a tower actor killed with SIGKILL mid-run is detected, the mesh is rebuilt from
+the last checkpoint and the run finishes with bitwise the weights of an uninterrupted run; past
+--max-restarts the run stops with exit status 1 and says why."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from cluster import localnet
+from cluster.driver import main
+from test_driver import DRIVER, assert_nothing_left, tiny_run_args
+from test_resume import shard_tensors
+
+COMMON = ["--epochs", "2", "--log-every", "1", "--checkpoint-every", "2", "--max-steps", "10"]
+
+
+def tower_actors(proc: subprocess.Popen) -> list[int]:
+    """Pids of the driver's TowerWorker actor processes."""
+    pids = []
+    for pid in localnet.process_tree(roots=[proc.pid], pgids=[proc.pid]):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::TowerWorker"):
+                    pids.append(pid)
+        except OSError:
+            pass
+    return sorted(pids)
+
+
+def run_and_kill_an_actor(args: list[str], cwd, after_line: str) -> tuple[int, str]:
+    """Run the driver; once `after_line` is printed, SIGKILL one tower actor. (status, output)"""
+    proc = subprocess.Popen(DRIVER + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, killed = [], None
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if killed is None and line.startswith(after_line):
+            actors = tower_actors(proc)
+            assert len(actors) == 2, actors
+            killed = actors[-1]
+            os.kill(killed, signal.SIGKILL)
+        assert time.monotonic() < deadline, "".join(lines[-20:])
+    proc.wait(timeout=60)
+    assert killed is not None, "".join(lines)
+    assert_nothing_left(proc.pid)
+    return proc.returncode, "".join(lines)
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_actor_is_replaced_and_the_run_ends_as_if_nothing_happened(tiny_demo, tmp_path, capsys):
+    assert main(tiny_run_args(tiny_demo, tmp_path / "straight", *COMMON)) == 0
+    capsys.readouterr()
+    status, out = run_and_kill_an_actor(tiny_run_args(tiny_demo, tmp_path / "killed", *COMMON), tmp_path,
+                                        after_line="step 5/10")
+    assert status == 0, out[-3000:]
+    # checkpoints come every 2 steps: the kill lands in step 6 or 7, the run goes on from step 4 or 6
+    assert "restart 1/3: " in out and "going on from " + str(tmp_path / "killed" / "checkpoint-0000000") in out
+    assert "done: 10 steps" in out
+    a = shard_tensors(tmp_path / "straight" / "checkpoint-00000010")
+    b = shard_tensors(tmp_path / "killed" / "checkpoint-00000010")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.timeout(300)
+def test_past_max_restarts_the_run_stops_with_a_clear_error(tiny_demo, tmp_path):
+    args = tiny_run_args(tiny_demo, tmp_path / "run", *COMMON, "--max-restarts", "0")
+    status, out = run_and_kill_an_actor(args, tmp_path, after_line="step 3/10")
+    assert status == 1, out[-3000:]
+    assert "error: training failed: " in out and "restart 1/" not in out
+
+
+def test_only_failures_of_the_machinery_are_restarted():
+    import ray
+    import torch.distributed as dist
+
+    from cluster.driver import restartable
+
+    def task_error(cause: Exception):
+        return ray.exceptions.RayTaskError("train_step", "Traceback ...", cause)
+
+    peer_gone = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:16805: Connection reset by peer")
+    assert restartable(task_error(peer_gone))
+    assert restartable(task_error(dist.DistBackendError("NCCL communicator was aborted")))
+    assert restartable(ray.exceptions.ActorDiedError())
+    assert not restartable(task_error(RuntimeError("failure injected by ALEXNET_INJECT_FAILURE at rank 1, step 2")))
+    assert not restartable(task_error(ValueError("labels must be in [0, 10)")))

@@ -22,7 +22,9 @@ SHARD_RNG = "rng"  # the rank's torch RNG state (dropout masks)
 KEY_LOADER = "loader"  # the training reader's position: resuming continues with the next sample
 KEY_TRAINER = "trainer"  # the loop's own state: lr schedule, the epoch's running loss
 # Fields a checkpoint's weights depend on: resuming with any other value is refused.
-ARCHITECTURE_FIELDS = ("variant", "num_classes", "image_size", "replicas", "stages", "towers", "stage_split")
+ARCHITECTURE_FIELDS = ("variant", "num_classes", "image_size", "replicas")
+# Fields of the mesh's shape: another value means the whole network is gathered and re-split.
+MESH_FIELDS = ("stages", "towers", "stage_split")
 
 log = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{8})$")
@@ -99,14 +101,16 @@ def verify(directory: str) -> dict:
     return manifest
 
 
-def check_compatible(manifest: dict, config: dict, directory: str) -> None:
-    """Refuse a checkpoint whose architecture or mesh differs from this run's configuration."""
+def check_compatible(manifest: dict, config: dict, directory: str) -> bool:
+    """Refuse a checkpoint whose architecture differs from this run's configuration; return
+    whether its mesh shape (stages, towers, split) differs, so that it must be re-split."""
     saved = manifest[KEY_CONFIG]
     diffs = [f"{name}={saved.get(name)!r} (now {config[name]!r})" for name in ARCHITECTURE_FIELDS
              if saved.get(name) != config[name]]
     if diffs:
         raise CheckpointError(f"checkpoint {directory} was saved with {', '.join(diffs)}: resume with the "
                               f"same values, or start a new --run-dir")
+    return any(saved.get(name) != config[name] for name in MESH_FIELDS)
 
 
 def find_resume(run_dir: str, resume: str) -> str | None:

@@ -9,6 +9,7 @@ Exit status: 0 done, 1 the run failed (an actor's error, with its traceback), 2 
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -21,9 +22,10 @@ import ray  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from cluster import checkpoint, localnet  # noqa: E402
-from cluster.checkpoint import CheckpointError  # noqa: E402
 from cluster.actor_mesh import ActorMesh, PlacementError  # noqa: E402
+from cluster.checkpoint import CheckpointError  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
+from cluster.export import consolidate_with_momentum  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
 from cluster.trainer import NonFiniteLoss, Start, TrainResult, resume_point, total_steps, train  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
@@ -86,11 +88,25 @@ def find_start(config: TrainConfig, train_data: ShardBatches) -> Start:
     if directory is None:
         return Start()
     manifest = checkpoint.read_manifest(directory)
-    checkpoint.check_compatible(manifest, config.to_dict(), directory)
+    reshape = checkpoint.check_compatible(manifest, config.to_dict(), directory)
     try:
-        return resume_point(directory, manifest, train_data)
+        return dataclasses.replace(resume_point(directory, manifest, train_data), reshape=reshape)
     except ValueError as err:
         raise CheckpointError(f"checkpoint {directory}: {err}") from None
+
+
+def load_checkpoint(workers: ActorMesh, start: Start) -> None:
+    """Every actor its shard of `start`'s checkpoint or, from a mesh of another shape, its
+    layers of the whole network gathered from all shards."""
+    if not start.reshape:
+        workers.call("load", start.directory)
+        print(f"resumed from {start.directory}", flush=True)
+        return
+    manifest, state, momentum = consolidate_with_momentum(start.directory)
+    workers.call("load_consolidated", workers.put((state, momentum)))
+    saved = manifest[checkpoint.KEY_CONFIG]
+    print(f"resumed from {start.directory}, re-split from {saved['stages']} stage(s) ({saved['stage_split']}) × "
+          f"{saved['towers']} tower process(es)", flush=True)
 
 
 @contextlib.contextmanager
@@ -142,8 +158,7 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches
         workers = ActorMesh(config, env)
         try:
             if start.directory:
-                workers.call("load", start.directory)
-                print(f"resumed from {start.directory}", flush=True)
+                load_checkpoint(workers, start)
             return train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
                          start=start)
         except ray.exceptions.RayError as err:

@@ -56,25 +56,8 @@ def consolidate(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, reference state) of checkpoint `directory`: every shard of replica 0 verified
     and merged under the reference names `towers.{t}.layers.{layer}.{conv|fc}.{param}`. Raises
     CheckpointError when a shard does not verify, or a layer is missing, held twice or misshapen."""
-    manifest = checkpoint.verify(directory)
+    manifest, state, _ = _gather(directory, momentum=False)
     cfg = model_config(manifest)
-    state, source = {}, {}
-    for shard in manifest[checkpoint.KEY_SHARDS]:
-        try:
-            saved = torch.load(os.path.join(directory, shard["file"]), weights_only=True, map_location="cpu")
-            replica, _, tower = saved[checkpoint.SHARD_COORD]
-            model = saved[checkpoint.SHARD_MODEL]
-        except Exception as err:  # verified bytes that still do not load: not our format
-            raise CheckpointError(f"checkpoint {directory}: shard {shard['file']} does not load as a shard: "
-                                  f"{err}") from None
-        if replica != 0:  # replicas hold copies of replica 0's weights
-            continue
-        for key, tensor in model.items():
-            # a HalfTower's keys (towers = 2) start `layers.`; a towers = 1 actor's are the reference's
-            name = key if key.startswith("towers.") else f"towers.{tower}.{key}"
-            if name in state:
-                raise CheckpointError(f"checkpoint {directory}: {name} is in both {source[name]} and {shard['file']}")
-            state[name], source[name] = tensor, shard["file"]
     with torch.device("meta"), warnings.catch_warnings():  # the expected names and shapes, no memory
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # 2012 variant: tower 1's fc8
         expected = {name: tuple(p.shape) for name, p in TwoTowerAlexNet(cfg).state_dict().items()}
@@ -86,6 +69,41 @@ def consolidate(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"checkpoint {directory} does not hold the network exactly once: missing "
                               f"{missing or 'none'}, unexpected {unexpected or 'none'}, misshapen {wrong or 'none'}")
     return manifest, {name: state[name] for name in expected}
+
+
+def consolidate_with_momentum(directory: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(manifest, reference state, momentum by the same names): what a mesh of another shape
+    loads to go on from this checkpoint (`TowerWorker.load_consolidated`)."""
+    manifest, _ = consolidate(directory)  # verifies, and checks the network is there exactly once
+    _, state, momentum = _gather(directory, momentum=True)
+    return manifest, state, momentum
+
+
+def _gather(directory: str, momentum: bool) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Replica 0's shards merged under reference names; with `momentum`, each parameter's
+    velocity too (a shard's optimizer state is indexed in its model's parameter order)."""
+    manifest = checkpoint.verify(directory)
+    state, velocities, source = {}, {}, {}
+    for shard in manifest[checkpoint.KEY_SHARDS]:
+        try:
+            saved = torch.load(os.path.join(directory, shard["file"]), weights_only=True, map_location="cpu")
+            replica, _, tower = saved[checkpoint.SHARD_COORD]
+            model = saved[checkpoint.SHARD_MODEL]
+            slots = saved[checkpoint.SHARD_OPTIMIZER]["state"] if momentum else {}
+        except Exception as err:  # verified bytes that still do not load: not our format
+            raise CheckpointError(f"checkpoint {directory}: shard {shard['file']} does not load as a shard: "
+                                  f"{err}") from None
+        if replica != 0:  # replicas hold copies of replica 0's weights
+            continue
+        for index, (key, tensor) in enumerate(model.items()):  # the model has parameters only
+            # a HalfTower's keys (towers = 2) start `layers.`; a towers = 1 actor's are the reference's
+            name = key if key.startswith("towers.") else f"towers.{tower}.{key}"
+            if name in state:
+                raise CheckpointError(f"checkpoint {directory}: {name} is in both {source[name]} and {shard['file']}")
+            state[name], source[name] = tensor, shard["file"]
+            if index in slots:
+                velocities[name] = slots[index]["velocity"]
+    return manifest, state, velocities
 
 
 def find_checkpoint(path: str) -> str:

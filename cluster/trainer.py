@@ -128,6 +128,7 @@ class Start:
     next_batch: int = 0  # of `epoch`; batches_per_epoch: the epoch's steps are all done
     trainer: dict = dataclasses.field(default_factory=dict)  # schedule state, the epoch's loss sum
     directory: str = ""  # the checkpoint it comes from
+    reshape: bool = False  # saved by a mesh of another shape: gather the network and re-split it
 
 
 def total_steps(config: TrainConfig, train_data: ShardBatches) -> int:

@@ -271,6 +271,17 @@ class TowerWorker:
         os.replace(tmp, path)
         return path
 
+    def load_consolidated(self, consolidated: tuple[dict, dict]) -> None:
+        """Take this actor's layers' weights and momentum from a whole network's (reference
+        names; cluster/export.py `consolidate_with_momentum`): a checkpoint of another mesh shape."""
+        state, momentum = consolidated
+        names = [self.reference_prefix + key for key in self.model.state_dict()]
+        self.model.load_state_dict({key: state[name] for key, name in zip(self.model.state_dict(), names)})
+        self.optimizer.state.clear()
+        for name, param in zip(names, self.model.parameters()):
+            if name in momentum:
+                self.optimizer.state[param]["velocity"] = momentum[name].to(param.device, param.dtype).clone()
+
     def load(self, directory: str) -> None:
         state = torch.load(os.path.join(directory, checkpoint.shard_file(self.rank)), weights_only=True,
                            map_location=self.device)

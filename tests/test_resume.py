@@ -10,6 +10,7 @@ import torch
 
 from cluster import checkpoint
 from cluster.driver import main
+from cluster.export import consolidate_with_momentum
 from test_driver import tiny_run_args
 
 STEP_LOSS = re.compile(r"^step (\d+)/\d+ \| epoch \d+/\d+ \| loss ([\d.]+)", re.MULTILINE)
@@ -77,9 +78,29 @@ def _refused(tiny_demo, run, capsys, *extra) -> str:
     return err
 
 
-def test_a_checkpoint_of_another_mesh_or_architecture_is_refused(tiny_demo, two_checkpoints, capsys):
-    err = _refused(tiny_demo, two_checkpoints, capsys, "--towers", "1", "--variant", "cuda-convnet-2012")
-    assert "was saved with variant='paper' (now 'cuda-convnet-2012'), towers=2 (now 1)" in err
+@pytest.mark.timeout(600)
+def test_a_two_stage_checkpoint_goes_on_in_one_process(tiny_demo, tmp_path, capsys):
+    # S = 2 × 2 towers for 3 steps, then S = 1 with both towers in one actor for 2 more: the
+    # same weights and momentum as 5 steps of S = 1 × 2 towers. Dropout off, so only summation
+    # order differs: 1e-4 relative over 5 steps (tests/parity.py explains the 1e-5 of 3 steps).
+    common = ["--epochs", "1", "--log-every", "1", "--checkpoint-every", "3", "--dropout", "0"]
+    two = ["--stages", "2", "--stage-split", "conv1-conv2 | conv3-fc8"]
+    assert main(tiny_run_args(tiny_demo, tmp_path / "reshaped", *common, *two, "--max-steps", "3")) == 0
+    assert main(tiny_run_args(tiny_demo, tmp_path / "reshaped", *common, "--towers", "1", "--max-steps", "5")) == 0
+    out = capsys.readouterr().out
+    assert "re-split from 2 stage(s) (conv1-conv2 | conv3-fc8) × 2 tower process(es)" in out
+    assert main(tiny_run_args(tiny_demo, tmp_path / "straight", *common, "--max-steps", "5")) == 0
+    _, straight, straight_momentum = consolidate_with_momentum(str(tmp_path / "straight" / "checkpoint-00000005"))
+    _, reshaped, reshaped_momentum = consolidate_with_momentum(str(tmp_path / "reshaped" / "checkpoint-00000005"))
+    assert straight.keys() == reshaped.keys() == straight_momentum.keys() == reshaped_momentum.keys()
+    for name in straight:
+        for ours, ref in ((reshaped[name], straight[name]), (reshaped_momentum[name], straight_momentum[name])):
+            assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max(), name
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(tiny_demo, two_checkpoints, capsys):
+    err = _refused(tiny_demo, two_checkpoints, capsys, "--num-classes", "10", "--variant", "cuda-convnet-2012")
+    assert "was saved with variant='paper' (now 'cuda-convnet-2012')" in err
     err = _refused(tiny_demo, two_checkpoints, capsys, "--batch-size", "4")
     assert "loader state does not match this reader" in err and "batch_size 8 != 4" in err
 

@@ -101,13 +101,13 @@ class ActorMesh:
     # --- steps: one plan for every actor; images to stage 0, labels to the last stage
 
     def plan(self, mode: str, lr: float = 0.0, microbatches: int | None = None,
-             schedule: str | None = None) -> StepPlan:
+             schedule: str | None = None, step: int = 0) -> StepPlan:
         """This step's plan; microbatches and schedule default to the configuration's."""
         m = microbatches or self.config.microbatches
         if self.config.batch_size % m:
             raise ConfigError(f"batch_size {self.config.batch_size} must be divisible by microbatches {m}")
         views = self.config.eval_views if mode == "eval" else 1
-        return StepPlan(mode, m, self.config.batch_size // m * views, schedule or self.config.schedule, lr)
+        return StepPlan(mode, m, self.config.batch_size // m * views, schedule or self.config.schedule, lr, step)
 
     def _step(self, method: str, plan: StepPlan, first: dict, last: dict) -> list:
         """`method(plan, **inputs)` on every actor: stage 0 gets `first` (images and what goes

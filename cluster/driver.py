@@ -152,8 +152,9 @@ def restartable(err: Exception) -> bool:
 def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches, val_data: ShardBatches,
                         start: Start) -> TrainResult:
     """Train; when an actor dies or a collective fails, tear the mesh down, start a new one, load
-    the newest checkpoint and go on, up to --max-restarts times."""
-    restarts = 0
+    the newest checkpoint and go on, up to --max-restarts times. A NaN or infinite loss (the
+    weights are then spoilt) goes back to the newest checkpoint once; a second one stops the run."""
+    restarts, nan_restored = 0, False
     while True:
         workers = ActorMesh(config, env)
         try:
@@ -161,6 +162,13 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches
                 load_checkpoint(workers, start)
             return train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
                          start=start)
+        except NonFiniteLoss as err:  # once: a transient fault goes away, a real divergence comes back
+            if nan_restored:
+                raise NonFiniteLoss(err.step, err.loss, f"again, after going on once from {start.directory or 'step 0'}: "
+                                                        "the run diverges; lower --lr or check the data") from None
+            nan_restored = True
+            start = find_start(config.replace(resume="auto"), train_data)
+            print(f"{err}; going on once from {start.directory or 'step 0 (no checkpoint yet)'}", flush=True)
         except ray.exceptions.RayError as err:
             if not restartable(err) or restarts >= config.max_restarts:
                 if restarts:

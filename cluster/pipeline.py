@@ -35,6 +35,7 @@ class StepPlan:
     rows: int  # rows of one microbatch's input: images, times the views in evaluation
     schedule: str = "1f1b"
     lr: float = 0.0
+    step: int = 0  # the run's step number this plan is for (1-based; 0: not a training step)
 
 
 class Link:

@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss of a step was NaN or infinite (the step's update is already in the weights)."""
+
+    def __init__(self, step: int, loss: float, note: str = "lower --lr or check the data"):
+        super().__init__(f"loss is {loss} at step {step}: {note}")
+        self.step, self.loss = step, loss
 
 
 def make_schedule(config: TrainConfig):
@@ -193,11 +197,11 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
             if progress.steps >= total:
                 break
             started = time.perf_counter()
-            results = workers.train_step(batch.images, batch.labels, lr, batch.lighting)
+            results = workers.train_step(batch.images, batch.labels, lr, batch.lighting, step=progress.steps + 1)
             wait_share.add(data_wait, time.perf_counter() - started + data_wait)
             loss = results[loss_rank]["loss"]
             if not math.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss} at step {progress.steps + 1}: lower --lr or check the data")
+                raise NonFiniteLoss(progress.steps + 1, loss)
             progress.update(results[loss_rank]["images"])
             loss_sum, batch_index = loss_sum + loss, batch.index + 1
             if progress.steps == config.trace_step and config.stages > 1:

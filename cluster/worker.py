@@ -32,6 +32,24 @@ from stages.split import boundary_shape
 from stages.tower import HalfTower
 
 INJECT_FAILURE_ENV = "ALEXNET_INJECT_FAILURE"  # "RANK:STEP": that rank raises at that step (tests)
+# "STEP" or "STEP:MARKER": the loss of the run's step STEP is NaN; with MARKER, only while that
+# file does not exist, and the first time creates it (a fault that does not come back). Tests.
+INJECT_NAN_ENV = "ALEXNET_INJECT_NAN"
+
+
+def _nan_injected(step: int) -> bool:
+    """Whether INJECT_NAN_ENV asks for a NaN loss at this step (see there)."""
+    spec = os.environ.get(INJECT_NAN_ENV, "")
+    if not spec or step != int(spec.split(":", 1)[0]):
+        return False
+    marker = spec.split(":", 1)[1] if ":" in spec else ""
+    if not marker:
+        return True
+    try:
+        with open(marker, "x"):  # only while the marker does not exist yet
+            return True
+    except FileExistsError:
+        return False
 
 
 class TowerWorker:
@@ -177,6 +195,8 @@ class TowerWorker:
             if not self.last_stage:
                 return out
             loss = sharded_cross_entropy(out, targets[i], self.class_offset, self.exchange)
+            if self.coord.tower == 0 and _nan_injected(plan.step):  # the rank that reports the loss
+                loss = loss * float("nan")
             losses.append(loss.item())
             logits.append(out.detach())
             # every microbatch is the same size: the batch loss is their mean

@@ -1,6 +1,7 @@
-"""Actor failure: a tower actor killed with SIGKILL mid-run is detected, the mesh is rebuilt from
-the last checkpoint and the run finishes with bitwise the weights of an uninterrupted run; past
---max-restarts the run stops with exit status 1 and says why."""
+"""Failures: a tower actor killed with SIGKILL mid-run is detected, the mesh is rebuilt from the
+last checkpoint and the run finishes with bitwise the weights of an uninterrupted run; past
+--max-restarts the run stops with exit status 1 and says why. A NaN loss goes back to the last
+checkpoint once."""
 
 import os
 import signal
@@ -12,6 +13,7 @@ import torch
 
 from cluster import localnet
 from cluster.driver import main
+from cluster.worker import INJECT_NAN_ENV
 from test_driver import DRIVER, assert_nothing_left, tiny_run_args
 from test_resume import shard_tensors
 
@@ -91,3 +93,22 @@ def test_only_failures_of_the_machinery_are_restarted():
     assert restartable(ray.exceptions.ActorDiedError())
     assert not restartable(task_error(RuntimeError("failure injected by ALEXNET_INJECT_FAILURE at rank 1, step 2")))
     assert not restartable(task_error(ValueError("labels must be in [0, 10)")))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("transient", [True, False])
+def test_a_nan_loss_goes_back_to_the_checkpoint_once(tiny_demo, tmp_path, transient):
+    # the loss of step 5 is NaN (its update spoils the weights): the run goes back to step 4's
+    # checkpoint once. A fault that does not come back (transient) lets it finish; one that does
+    # stops it, naming the step.
+    spec = f"5:{tmp_path / 'marker'}" if transient else "5"
+    env = {**os.environ, INJECT_NAN_ENV: spec}
+    proc = subprocess.run(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", *COMMON), env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert f"loss is nan at step 5: lower --lr or check the data; going on once from {tmp_path / 'run'}" in out
+    if transient:
+        assert proc.returncode == 0 and "done: 10 steps" in out, out[-3000:]
+    else:
+        assert proc.returncode == 1, out[-3000:]
+        assert "error: training failed: loss is nan at step 5: again, after going on once from" in out

@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 
+import torch
+
 MANIFEST = "manifest.json"
 KEY_STEP, KEY_EPOCH, KEY_CONFIG, KEY_MESH, KEY_SHARDS = "step", "epoch", "config", "mesh", "shards"
 SHARD_MODEL, SHARD_OPTIMIZER, SHARD_COORD = "model", "optimizer", "coord"  # keys inside a rank's shard
@@ -51,9 +53,22 @@ def sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def write_shard(path: str, state: dict) -> dict:
+    """Save `state` to `path` atomically (temp file, fsync, rename); its manifest entry."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"file": os.path.basename(path), "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+
+
 def write_manifest(directory: str, *, step: int, epoch: int, config: dict, mesh: dict,
-                   shard_paths: list[str], loader: dict, trainer: dict | None = None) -> str:
-    shards = [{"file": os.path.basename(p), "sha256": sha256_file(p), "bytes": os.path.getsize(p)}
+                   shard_paths: list, loader: dict, trainer: dict | None = None) -> str:
+    """`shard_paths`: each shard's manifest entry (`write_shard`'s answer) or its path."""
+    shards = [p if isinstance(p, dict) else
+              {"file": os.path.basename(p), "sha256": sha256_file(p), "bytes": os.path.getsize(p)}
               for p in shard_paths]
     manifest = {KEY_STEP: step, KEY_EPOCH: epoch, KEY_CONFIG: config, KEY_MESH: mesh, KEY_SHARDS: shards,
                 KEY_LOADER: loader, KEY_TRAINER: trainer or {}}

@@ -78,6 +78,8 @@ class TrainConfig:
     log_every: int = _opt(5, "steps between progress lines")
     checkpoint_every: int = _opt(0, "steps between checkpoints; 0: at the end of every epoch (and always at the end)")
     keep_checkpoints: int = _opt(3, "newest checkpoints kept in run_dir; older ones are deleted")
+    async_checkpoint: bool = _opt(True, "actors copy their state and write it while the next step runs "
+                                        "(the manifest follows that step); off: training waits for the writes")
     resume: str = _opt("auto", "`auto`: continue from run_dir's newest complete checkpoint if there is one; "
                                "`never`; or a checkpoint directory")
     address: str = _opt("", "Ray cluster address; empty: the cluster this job runs in, else a new local one")

@@ -149,26 +149,52 @@ def resume_point(directory: str, manifest: dict, train_data: ShardBatches) -> St
 
 class Checkpointer:
     """Writes checkpoints: every actor its shard, then the manifest with the reader's position
-    and the loop's state, then prunes to the newest `keep_checkpoints`."""
+    and the loop's state, then prunes to the newest `keep_checkpoints`.
+
+    With --async-checkpoint the actors copy their state (the stall) and write it in a thread
+    while the next step runs; `finish`, called after that step, waits for the writes (more
+    stall only if they are not done) and writes the manifest. Until then the checkpoint is
+    incomplete and a resume takes the one before."""
 
     def __init__(self, config: TrainConfig, workers, train_data: ShardBatches, print_fn):
         self.config, self.workers, self.train_data, self.print_fn = config, workers, train_data, print_fn
         self.last_step = -1
+        self.pending: tuple | None = None
+        self.stalls: list[float] = []  # seconds the loop waited for each checkpoint
 
-    def save(self, step: int, epoch: int, next_batch: int, schedule, epoch_loss_sum: float) -> str:
+    def save(self, step: int, epoch: int, next_batch: int, schedule, epoch_loss_sum: float,
+             final: bool = False) -> str:
         directory = checkpoint.checkpoint_dir(self.config.run_dir, step)
         if step == self.last_step:
             return directory
+        self.finish()
         os.makedirs(directory, exist_ok=True)
-        shards = self.workers.call("save", directory)
-        trainer = {"schedule": schedule.state_dict(), "epoch_loss_sum": epoch_loss_sum}
-        checkpoint.write_manifest(directory, step=step, epoch=epoch, config=self.config.to_dict(),
-                                  mesh=dataclasses.asdict(self.config.mesh), shard_paths=shards,
-                                  loader=self.train_data.state_dict(epoch, next_batch), trainer=trainer)
-        checkpoint.prune(self.config.run_dir, self.config.keep_checkpoints)
+        manifest = {"step": step, "epoch": epoch, "loader": self.train_data.state_dict(epoch, next_batch),
+                    "trainer": {"schedule": schedule.state_dict(), "epoch_loss_sum": epoch_loss_sum}}
+        asynchronous = self.config.async_checkpoint and not final
+        started = time.perf_counter()
+        entries = self.workers.call("save", directory, asynchronous)
+        self.pending = (directory, manifest, None if asynchronous else entries, time.perf_counter() - started)
         self.last_step = step
-        self.print_fn(f"checkpoint: {os.path.abspath(directory)}")
+        if not asynchronous:
+            self.finish()
         return directory
+
+    def finish(self) -> None:
+        """Complete the pending checkpoint, if any: its shards written, then its manifest."""
+        if self.pending is None:
+            return
+        directory, manifest, entries, stall = self.pending
+        self.pending = None
+        started = time.perf_counter()
+        if entries is None:
+            entries = self.workers.call("finish_save")
+        stall += time.perf_counter() - started
+        checkpoint.write_manifest(directory, config=self.config.to_dict(), mesh=dataclasses.asdict(self.config.mesh),
+                                  shard_paths=entries, **manifest)
+        checkpoint.prune(self.config.run_dir, self.config.keep_checkpoints)
+        self.stalls.append(stall)
+        self.print_fn(f"checkpoint: {os.path.abspath(directory)} (training stalled {stall:.2f} s)")
 
 
 def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: ShardBatches,
@@ -209,6 +235,7 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
                 print_fn(f"step {progress.steps}{where}\n{format_summary(step_summary(results))}")
             if progress.steps % config.log_every == 0 or progress.steps == total:
                 print_fn(progress.line(epoch, config.epochs, loss, lr, step_extras(config, results, wait_share)))
+            saver.finish()  # an asynchronous checkpoint started before this step
             if config.checkpoint_every and progress.steps % config.checkpoint_every == 0:
                 saver.save(progress.steps, epoch, batch_index, schedule, loss_sum)
         val_loss, top1, top5 = evaluate(workers, val_data)
@@ -225,5 +252,6 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
             saver.save(progress.steps, epoch, batch_index, schedule, loss_sum)
         if progress.steps >= total:
             break
-    directory = saver.save(progress.steps, epoch, batch_index, schedule, loss_sum)
+    directory = saver.save(progress.steps, epoch, batch_index, schedule, loss_sum, final=True)
+    saver.finish()
     return TrainResult(progress.steps, epochs, directory, progress.images_per_second, wait_share.fraction)

@@ -9,6 +9,7 @@ steps its optimizer after the flush. The driver wraps this class as a Ray actor;
 imports Ray, so tests can also drive it in-process.
 """
 
+import concurrent.futures
 import os
 import time
 from datetime import timedelta
@@ -35,6 +36,17 @@ INJECT_FAILURE_ENV = "ALEXNET_INJECT_FAILURE"  # "RANK:STEP": that rank raises a
 # "STEP" or "STEP:MARKER": the loss of the run's step STEP is NaN; with MARKER, only while that
 # file does not exist, and the first time creates it (a fault that does not come back). Tests.
 INJECT_NAN_ENV = "ALEXNET_INJECT_NAN"
+
+
+def _on_cpu(state, copy: bool):
+    """`state` with every tensor on the CPU; `copy`: copies that later training cannot change."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=copy)
+    if isinstance(state, dict):
+        return {key: _on_cpu(value, copy) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(value, copy) for value in state)
+    return state
 
 
 def _nan_injected(step: int) -> bool:
@@ -72,6 +84,8 @@ class TowerWorker:
         self.reset(config.seed)
         self.steps_done = 0
         self.failure_step = self._injected_failure_step()
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._writing: concurrent.futures.Future | None = None
 
     def reset(self, seed: int) -> None:
         """Fresh weights (the paper's init from `seed`) and optimizer state."""
@@ -276,20 +290,25 @@ class TowerWorker:
         return {self.reference_prefix + name: p.detach().cpu().clone()
                 for name, p in self.model.named_parameters()}
 
-    def save(self, directory: str) -> str:
-        """Write this rank's shard of a checkpoint; atomic (temp file, fsync, rename)."""
-        path = os.path.join(directory, checkpoint.shard_file(self.rank))
-        state = {checkpoint.SHARD_MODEL: {k: v.cpu() for k, v in self.model.state_dict().items()},
+    def save(self, directory: str, asynchronous: bool = False) -> dict | None:
+        """Write this rank's shard of a checkpoint atomically (temp file, fsync, rename) and return
+        its manifest entry. `asynchronous`: copy the state now (the only stall) and write it in a
+        thread while training goes on; `finish_save` returns the entry."""
+        self.finish_save()  # one write at a time
+        state = {checkpoint.SHARD_MODEL: self.model.state_dict(),
                  checkpoint.SHARD_OPTIMIZER: self.optimizer.state_dict(),
                  checkpoint.SHARD_COORD: [self.coord.replica, self.coord.stage, self.coord.tower],
                  checkpoint.SHARD_RNG: torch.get_rng_state()}
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        path = os.path.join(directory, checkpoint.shard_file(self.rank))
+        if not asynchronous:
+            return checkpoint.write_shard(path, _on_cpu(state, copy=False))
+        self._writing = self._writer.submit(checkpoint.write_shard, path, _on_cpu(state, copy=True))
+        return None
+
+    def finish_save(self) -> dict | None:
+        """Wait for the asynchronous shard write, if any; its manifest entry (or its error)."""
+        writing, self._writing = self._writing, None
+        return writing.result() if writing is not None else None
 
     def load_consolidated(self, consolidated: tuple[dict, dict]) -> None:
         """Take this actor's layers' weights and momentum from a whole network's (reference

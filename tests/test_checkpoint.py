@@ -1,5 +1,7 @@
-"""A rank's checkpoint shard round-trips its weights and momentum, and loads with weights_only=True."""
+"""A rank's checkpoint shard round-trips its weights and momentum, and loads with weights_only=True;
+an asynchronous save writes the state of when it was asked, not of later steps."""
 
+import os
 import pickle
 
 import pytest
@@ -25,8 +27,9 @@ def test_shard_round_trips_weights_and_momentum(tmp_path):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 63, 63), dtype=torch.uint8, generator=g)
     trained.train_step(STEP, images, torch.tensor([0, 1, 2, 3]))
-    path = trained.save(str(tmp_path))
-    assert path == str(tmp_path / checkpoint.shard_file(0))
+    entry = trained.save(str(tmp_path))
+    path = str(tmp_path / checkpoint.shard_file(0))
+    assert entry == {"file": "rank00000.pt", "sha256": checkpoint.sha256_file(path), "bytes": os.path.getsize(path)}
 
     restored = _worker()  # fresh init: differs until loaded
     restored.load(str(tmp_path))
@@ -50,3 +53,24 @@ def test_a_shard_carrying_code_is_refused(tmp_path):
         torch.save({checkpoint.SHARD_MODEL: Payload()}, f)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         _worker().load(str(tmp_path))
+
+
+def test_an_asynchronous_save_holds_the_state_of_when_it_was_asked(tmp_path):
+    worker, twin = _worker(), _worker()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 63, 63), dtype=torch.uint8, generator=g)
+    for w in (worker, twin):
+        w.train_step(STEP, images, torch.tensor([0, 1, 2, 3]))
+    for name in ("async", "sync"):
+        (tmp_path / name).mkdir()
+    assert worker.save(str(tmp_path / "async"), asynchronous=True) is None  # returns at once
+    worker.train_step(STEP, images, torch.tensor([3, 2, 1, 0]))  # changes weights and momentum meanwhile
+    entry = worker.finish_save()
+    assert entry["file"] == "rank00000.pt" and worker.finish_save() is None
+    twin.save(str(tmp_path / "sync"))
+    a = torch.load(tmp_path / "async" / "rank00000.pt", weights_only=True)
+    b = torch.load(tmp_path / "sync" / "rank00000.pt", weights_only=True)
+    for name, tensor in b[checkpoint.SHARD_MODEL].items():
+        assert torch.equal(a[checkpoint.SHARD_MODEL][name], tensor), name
+    for index, slot in b[checkpoint.SHARD_OPTIMIZER]["state"].items():
+        assert torch.equal(a[checkpoint.SHARD_OPTIMIZER]["state"][index]["velocity"], slot["velocity"])

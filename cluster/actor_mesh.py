@@ -144,7 +144,7 @@ class ActorMesh:
 
     def shutdown(self) -> None:
         try:
-            ray.get([actor.shutdown.remote() for actor in self.actors], timeout=30)
+            ray.get([actor.shutdown.remote() for actor in self.actors], timeout=10)
         except Exception as err:  # a dead actor cannot tear down; killing it below is enough
             log.warning("process-group teardown failed: %s", err)
         finally:

@@ -145,9 +145,15 @@ def find_resume(run_dir: str, resume: str) -> str | None:
     return None
 
 
-def prune(run_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` complete checkpoints; returns what was deleted."""
-    old = complete_checkpoints(run_dir)[:-keep] if keep > 0 else []
+def checkpoint_step(directory: str) -> int:
+    return int(_CHECKPOINT_NAME.search(directory).group(1))
+
+
+def prune(run_dir: str, keep: int, keep_every: int = 0) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints and those at multiples of
+    `keep_every` steps (0: none); returns what was deleted."""
+    old = [d for d in (complete_checkpoints(run_dir)[:-keep] if keep > 0 else [])
+           if not (keep_every and checkpoint_step(d) % keep_every == 0)]
     for directory in old:
         os.remove(os.path.join(directory, MANIFEST))  # incomplete from here on, whatever happens next
         shutil.rmtree(directory)

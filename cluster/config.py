@@ -78,6 +78,7 @@ class TrainConfig:
     log_every: int = _opt(5, "steps between progress lines")
     checkpoint_every: int = _opt(0, "steps between checkpoints; 0: at the end of every epoch (and always at the end)")
     keep_checkpoints: int = _opt(3, "newest checkpoints kept in run_dir; older ones are deleted")
+    keep_every: int = _opt(0, "also keep every checkpoint whose step is a multiple of this; 0: none")
     async_checkpoint: bool = _opt(True, "actors copy their state and write it while the next step runs "
                                         "(the manifest follows that step); off: training waits for the writes")
     resume: str = _opt("auto", "`auto`: continue from run_dir's newest complete checkpoint if there is one; "
@@ -96,7 +97,7 @@ class TrainConfig:
                              "microbatches", "epochs", "log_every", "lr_patience", "trace_step",
                              "collective_timeout_s", "placement_timeout_s")
         self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops", "checkpoint_every",
-                                 "max_restarts")
+                                 "max_restarts", "keep_every")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
         if self.batch_size % self.microbatches:

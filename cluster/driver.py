@@ -149,6 +149,14 @@ def restartable(err: Exception) -> bool:
         isinstance(cause, RuntimeError) and any(marker in str(cause) for marker in _TRANSPORT_ERRORS))
 
 
+def failure_cause(err: Exception) -> str:
+    """One line: what failed, e.g. `ActorDiedError: The actor died unexpectedly...` or the
+    error an actor raised (`RuntimeError: [gloo/...] Timed out waiting 5000ms for recv`)."""
+    cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None else err
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches, val_data: ShardBatches,
                         start: Start) -> TrainResult:
     """Train; when an actor dies or a collective fails, tear the mesh down, start a new one, load
@@ -176,9 +184,8 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches
                           file=sys.stderr, flush=True)
                 raise
             restarts += 1
-            cause = str(err).strip().splitlines()[0]
             start = find_start(config.replace(resume="auto"), train_data)
-            print(f"restart {restarts}/{config.max_restarts}: {type(err).__name__}: {cause}; going on from "
+            print(f"restart {restarts}/{config.max_restarts}: {failure_cause(err)}; going on from "
                   f"{start.directory or 'step 0 (no checkpoint yet)'}", flush=True)
         finally:
             workers.shutdown()

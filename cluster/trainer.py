@@ -192,7 +192,7 @@ class Checkpointer:
         stall += time.perf_counter() - started
         checkpoint.write_manifest(directory, config=self.config.to_dict(), mesh=dataclasses.asdict(self.config.mesh),
                                   shard_paths=entries, **manifest)
-        checkpoint.prune(self.config.run_dir, self.config.keep_checkpoints)
+        checkpoint.prune(self.config.run_dir, self.config.keep_checkpoints, self.config.keep_every)
         self.stalls.append(stall)
         self.print_fn(f"checkpoint: {os.path.abspath(directory)} (training stalled {stall:.2f} s)")
 

@@ -36,6 +36,10 @@ INJECT_FAILURE_ENV = "ALEXNET_INJECT_FAILURE"  # "RANK:STEP": that rank raises a
 # "STEP" or "STEP:MARKER": the loss of the run's step STEP is NaN; with MARKER, only while that
 # file does not exist, and the first time creates it (a fault that does not come back). Tests.
 INJECT_NAN_ENV = "ALEXNET_INJECT_NAN"
+# "RANK:STEP:MARKER": that rank hangs (sleeps) at the run's step STEP, once (while MARKER does not
+# exist); its partners' collectives time out. Tests.
+INJECT_HANG_ENV = "ALEXNET_INJECT_HANG"
+INJECTED_HANG_S = 300.0
 
 
 def _on_cpu(state, copy: bool):
@@ -54,11 +58,24 @@ def _nan_injected(step: int) -> bool:
     spec = os.environ.get(INJECT_NAN_ENV, "")
     if not spec or step != int(spec.split(":", 1)[0]):
         return False
-    marker = spec.split(":", 1)[1] if ":" in spec else ""
+    return _first_time(spec.split(":", 1)[1] if ":" in spec else "")
+
+
+def _hang_injected(rank: int, step: int) -> bool:
+    """Whether INJECT_HANG_ENV asks this rank to hang at this step (see there)."""
+    spec = os.environ.get(INJECT_HANG_ENV, "")
+    if not spec:
+        return False
+    hang_rank, hang_step, marker = spec.split(":", 2)
+    return (rank, step) == (int(hang_rank), int(hang_step)) and _first_time(marker)
+
+
+def _first_time(marker: str) -> bool:
+    """True without a marker; with one, only while the marker file does not exist (creating it)."""
     if not marker:
         return True
     try:
-        with open(marker, "x"):  # only while the marker does not exist yet
+        with open(marker, "x"):
             return True
     except FileExistsError:
         return False
@@ -227,6 +244,8 @@ class TowerWorker:
         if self.steps_done == self.failure_step:
             raise RuntimeError(f"failure injected by {INJECT_FAILURE_ENV} at rank {self.rank}, step {self.steps_done}")
         self.steps_done += 1
+        if _hang_injected(self.rank, plan.step):
+            time.sleep(INJECTED_HANG_S)
         self.exchange_stats.reset()
         set_lr(self.optimizer, plan.lr)
         run, loss, _ = self._gradients(plan, images, labels, lighting)

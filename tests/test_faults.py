@@ -1,9 +1,10 @@
 """Failures: a tower actor killed with SIGKILL mid-run is detected, the mesh is rebuilt from the
 last checkpoint and the run finishes with bitwise the weights of an uninterrupted run; past
---max-restarts the run stops with exit status 1 and says why. A NaN loss goes back to the last
-checkpoint once."""
+--max-restarts the run stops with exit status 1 and says why. A hung actor is caught by the
+collective timeout and replaced the same way. A NaN loss goes back to the last checkpoint once."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ import torch
 
 from cluster import localnet
 from cluster.driver import main
-from cluster.worker import INJECT_NAN_ENV
+from cluster.worker import INJECT_HANG_ENV, INJECT_NAN_ENV
 from test_driver import DRIVER, assert_nothing_left, tiny_run_args
 from test_resume import shard_tensors
 
@@ -112,3 +113,19 @@ def test_a_nan_loss_goes_back_to_the_checkpoint_once(tiny_demo, tmp_path, transi
     else:
         assert proc.returncode == 1, out[-3000:]
         assert "error: training failed: loss is nan at step 5: again, after going on once from" in out
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_actor_is_caught_by_the_collective_timeout_and_replaced(tiny_demo, tmp_path):
+    # rank 1 sleeps through step 5 (once): rank 0's exchange times out after 5 s, the mesh is
+    # rebuilt from the last complete checkpoint and the run finishes
+    env = {**os.environ, INJECT_HANG_ENV: f"1:5:{tmp_path / 'marker'}"}
+    args = tiny_run_args(tiny_demo, tmp_path / "run", *COMMON, "--collective-timeout-s", "5")
+    proc = subprocess.run(DRIVER + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          start_new_session=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    # step 4's checkpoint is asynchronous: its manifest comes after step 5, which never ends
+    assert re.search(r"restart 1/3: RuntimeError: .*Timed out", out), out[-3000:]
+    assert f"going on from {tmp_path / 'run' / 'checkpoint-00000002'}" in out
+    assert "done: 10 steps" in out

@@ -151,3 +151,13 @@ def test_an_unfinished_checkpoint_is_not_resumed_from(two_checkpoints, tmp_path)
     assert checkpoint.find_resume(str(run), "never") is None
     with pytest.raises(checkpoint.CheckpointError, match="no readable manifest.json"):
         checkpoint.find_resume(str(run), str(run / "checkpoint-00000002"))
+
+
+def test_pruning_keeps_the_newest_and_every_nth(tmp_path):
+    for step in range(1, 11):
+        directory = tmp_path / f"checkpoint-{step:08d}"
+        directory.mkdir()
+        (directory / checkpoint.MANIFEST).write_text("{}")
+    (tmp_path / "checkpoint-00000011").mkdir()  # unfinished: not counted, not deleted
+    checkpoint.prune(str(tmp_path), keep=3, keep_every=4)
+    assert sorted(os.listdir(tmp_path)) == [f"checkpoint-{s:08d}" for s in (4, 8, 9, 10, 11)]

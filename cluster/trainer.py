@@ -1,6 +1,7 @@
-"""The training loop: `train()` owns epochs, evaluation, the learning-rate schedule and the final
-checkpoint; each step is one `train_step` on every actor (which owns microbatches and the
-optimizer step)."""
+"""The training loop: `train()` owns epochs, evaluation, the learning-rate schedule and the
+checkpoints (`Checkpointer`), starting from step 0 or a checkpoint (`Start`); each step is one
+`train_step` on every actor, which runs its stage's schedule over the microbatches and steps its
+optimizer."""
 
 import dataclasses
 import logging
@@ -160,7 +161,6 @@ class Checkpointer:
         self.config, self.workers, self.train_data, self.print_fn = config, workers, train_data, print_fn
         self.last_step = -1
         self.pending: tuple | None = None
-        self.stalls: list[float] = []  # seconds the loop waited for each checkpoint
 
     def save(self, step: int, epoch: int, next_batch: int, schedule, epoch_loss_sum: float,
              final: bool = False) -> str:
@@ -193,7 +193,6 @@ class Checkpointer:
         checkpoint.write_manifest(directory, config=self.config.to_dict(), mesh=dataclasses.asdict(self.config.mesh),
                                   shard_paths=entries, **manifest)
         checkpoint.prune(self.config.run_dir, self.config.keep_checkpoints, self.config.keep_every)
-        self.stalls.append(stall)
         self.print_fn(f"checkpoint: {os.path.abspath(directory)} (training stalled {stall:.2f} s)")
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +29,7 @@ from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, o
 from cluster.export import consolidate_with_momentum  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
 from cluster.trainer import NonFiniteLoss, Start, TrainResult, resume_point, total_steps, train  # noqa: E402
+from cluster.worker import STORAGE_CHECK  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
 from data.loader import DataError, ShardBatches  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
@@ -149,6 +151,34 @@ def restartable(err: Exception) -> bool:
         isinstance(cause, RuntimeError) and any(marker in str(cause) for marker in _TRANSPORT_ERRORS))
 
 
+class StorageError(RuntimeError):
+    """The run directory is not reachable from every actor."""
+
+
+def check_storage(workers: ActorMesh, run_dir: str) -> None:
+    """Every actor must see the run directory the driver writes to (checkpoints are written by
+    the actors, the manifest by the driver): the driver leaves a token there, each actor reads
+    it and leaves a file back. Raises StorageError naming the actors and hosts that cannot."""
+    os.makedirs(run_dir, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = os.path.join(run_dir, STORAGE_CHECK)
+    with open(marker, "w") as f:
+        f.write(token)
+    try:
+        answers = workers.call("check_storage", run_dir, token)
+        failed = [a for a in answers
+                  if not a["ok"] or not os.path.exists(os.path.join(run_dir, f"{STORAGE_CHECK}.rank{a['rank']}"))]
+        if failed:
+            who = "; ".join(f"rank {a['rank']} on {a['host']}: {a['detail'] or 'its file did not reach the driver'}"
+                            for a in failed)
+            raise StorageError(f"--run-dir {run_dir} is not shared by the driver and every actor ({who}): put it on "
+                               f"storage every node mounts at the same path")
+    finally:
+        for name in os.listdir(run_dir):
+            if name.startswith(STORAGE_CHECK):
+                os.remove(os.path.join(run_dir, name))
+
+
 def failure_cause(err: Exception) -> str:
     """One line: what failed, e.g. `ActorDiedError: The actor died unexpectedly...` or the
     error an actor raised (`RuntimeError: [gloo/...] Timed out waiting 5000ms for recv`)."""
@@ -166,6 +196,7 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches
     while True:
         workers = ActorMesh(config, env)
         try:
+            check_storage(workers, config.run_dir)
             if start.directory:
                 load_checkpoint(workers, start)
             return train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
@@ -219,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except (PlacementError, ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
+        except (PlacementError, StorageError, ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
             print(f"error: training failed: {err}", file=sys.stderr, flush=True)
             return 1
     last = result.epochs[-1]

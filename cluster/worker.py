@@ -40,6 +40,7 @@ INJECT_NAN_ENV = "ALEXNET_INJECT_NAN"
 # exist); its partners' collectives time out. Tests.
 INJECT_HANG_ENV = "ALEXNET_INJECT_HANG"
 INJECTED_HANG_S = 300.0
+STORAGE_CHECK = ".storage-check"  # the driver's token in the run dir (check_storage)
 
 
 def _on_cpu(state, copy: bool):
@@ -308,6 +309,27 @@ class TowerWorker:
     def named_parameters(self) -> dict[str, Tensor]:
         return {self.reference_prefix + name: p.detach().cpu().clone()
                 for name, p in self.model.named_parameters()}
+
+    def check_storage(self, run_dir: str, token: str) -> dict:
+        """Whether this actor sees the driver's run directory: it must read the driver's token
+        there and leave its own file for the driver to read (multi-node runs need storage every
+        node reaches). Answers instead of raising, so the driver can name every actor that fails."""
+        import socket
+
+        answer = {"rank": self.rank, "host": socket.gethostname(), "ok": False, "detail": ""}
+        try:
+            with open(os.path.join(run_dir, STORAGE_CHECK)) as f:
+                seen = f.read()
+            if seen != token:
+                answer["detail"] = f"found another run's {STORAGE_CHECK} in {run_dir}"
+                return answer
+            with open(os.path.join(run_dir, f"{STORAGE_CHECK}.rank{self.rank}"), "w") as f:
+                f.write(token)
+        except OSError as err:
+            answer["detail"] = f"{type(err).__name__}: {err}"
+            return answer
+        answer["ok"] = True
+        return answer
 
     def save(self, directory: str, asynchronous: bool = False) -> dict | None:
         """Write this rank's shard of a checkpoint atomically (temp file, fsync, rename) and return

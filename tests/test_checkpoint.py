@@ -10,7 +10,7 @@ import torch
 from cluster import checkpoint
 from cluster.config import TrainConfig
 from cluster.pipeline import StepPlan
-from cluster.worker import TowerWorker
+from cluster.worker import STORAGE_CHECK, TowerWorker
 
 STEP = StepPlan("train", microbatches=1, rows=4, lr=0.01)  # one whole-batch step of 4 images
 
@@ -74,3 +74,14 @@ def test_an_asynchronous_save_holds_the_state_of_when_it_was_asked(tmp_path):
         assert torch.equal(a[checkpoint.SHARD_MODEL][name], tensor), name
     for index, slot in b[checkpoint.SHARD_OPTIMIZER]["state"].items():
         assert torch.equal(a[checkpoint.SHARD_OPTIMIZER]["state"][index]["velocity"], slot["velocity"])
+
+
+def test_an_actor_reports_whether_it_sees_the_run_dir(tmp_path):
+    worker = _worker()
+    (tmp_path / STORAGE_CHECK).write_text("token-1")
+    seen = worker.check_storage(str(tmp_path), "token-1")
+    assert seen["ok"] and (tmp_path / f"{STORAGE_CHECK}.rank0").read_text() == "token-1"
+    other = worker.check_storage(str(tmp_path), "token-2")  # another driver's directory
+    assert not other["ok"] and "found another run's .storage-check" in other["detail"]
+    missing = worker.check_storage(str(tmp_path / "not-mounted-here"), "token-1")
+    assert not missing["ok"] and missing["detail"].startswith("FileNotFoundError")

@@ -235,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_config:
         print(json.dumps(config.to_dict(), indent=1, default=list))
         return 0
-    if start.step >= total_steps(config, train_data):
-        print(f"nothing to train: {start.directory} is at step {start.step} of "
-              f"{total_steps(config, train_data)}; raise --epochs or --max-steps to go on")
+    total = total_steps(config, train_data)
+    if start.step >= total:
+        print(f"nothing to train: {start.directory} is at step {start.step} of {total}; "
+              f"raise --epochs or --max-steps to go on")
         return 0
     print(f"recipe {config.recipe}: {config.mesh.describe()}; run dir {config.run_dir}", flush=True)
     if config.stages > 1:

@@ -57,6 +57,18 @@ def consolidate(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     and merged under the reference names `towers.{t}.layers.{layer}.{conv|fc}.{param}`. Raises
     CheckpointError when a shard does not verify, or a layer is missing, held twice or misshapen."""
     manifest, state, _ = _gather(directory, momentum=False)
+    return manifest, _whole_network(directory, manifest, state)
+
+
+def consolidate_with_momentum(directory: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(manifest, reference state, momentum by the same names): what a mesh of another shape
+    loads to go on from this checkpoint (`TowerWorker.load_consolidated`)."""
+    manifest, state, momentum = _gather(directory, momentum=True)
+    return manifest, _whole_network(directory, manifest, state), momentum
+
+
+def _whole_network(directory: str, manifest: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` in the reference's order, once checked to hold every layer once, in its shape."""
     cfg = model_config(manifest)
     with torch.device("meta"), warnings.catch_warnings():  # the expected names and shapes, no memory
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")  # 2012 variant: tower 1's fc8
@@ -68,15 +80,7 @@ def consolidate(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if missing or unexpected or wrong:
         raise CheckpointError(f"checkpoint {directory} does not hold the network exactly once: missing "
                               f"{missing or 'none'}, unexpected {unexpected or 'none'}, misshapen {wrong or 'none'}")
-    return manifest, {name: state[name] for name in expected}
-
-
-def consolidate_with_momentum(directory: str) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(manifest, reference state, momentum by the same names): what a mesh of another shape
-    loads to go on from this checkpoint (`TowerWorker.load_consolidated`)."""
-    manifest, _ = consolidate(directory)  # verifies, and checks the network is there exactly once
-    _, state, momentum = _gather(directory, momentum=True)
-    return manifest, state, momentum
+    return {name: state[name] for name in expected}
 
 
 def _gather(directory: str, momentum: bool) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -11,6 +11,7 @@ imports Ray, so tests can also drive it in-process.
 
 import concurrent.futures
 import os
+import socket
 import time
 from datetime import timedelta
 
@@ -314,8 +315,6 @@ class TowerWorker:
         """Whether this actor sees the driver's run directory: it must read the driver's token
         there and leave its own file for the driver to read (multi-node runs need storage every
         node reaches). Answers instead of raising, so the driver can name every actor that fails."""
-        import socket
-
         answer = {"rank": self.rank, "host": socket.gethostname(), "ok": False, "detail": ""}
         try:
             with open(os.path.join(run_dir, STORAGE_CHECK)) as f:

@@ -9,48 +9,50 @@ driver waits for them all; groups are destroyed before the actors are killed.
 import logging
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ConfigError, TrainConfig
 from cluster.pipeline import StepPlan
+from cluster.placement import PlacementError, format_placement, place, release
 from cluster.worker import TowerWorker
+
+__all__ = ["ActorMesh", "PlacementError"]
 
 log = logging.getLogger(__name__)
 
 
-class PlacementError(RuntimeError):
-    """The actors could not all be started on the cluster."""
-
-
-def plan_resources(config: TrainConfig, available: dict) -> dict:
-    """Resources per actor: one GPU each when the cluster has enough, else CPU threads. Raises a
-    one-line error naming what is wanted and what is there when the cluster cannot hold the mesh."""
-    world = config.mesh.world_size
-    if available.get("GPU", 0) >= world:
-        return {"num_cpus": 1, "num_gpus": 1}
-    wanted = world * config.threads_per_worker
-    if available.get("CPU", 0) < wanted:
-        raise ConfigError(
-            f"the mesh needs {wanted} CPUs ({config.mesh.describe()}, threads_per_worker "
-            f"{config.threads_per_worker}) but the Ray cluster has {available.get('CPU', 0):g}: "
-            f"lower --threads-per-worker or add nodes")
-    return {"num_cpus": config.threads_per_worker, "num_gpus": 0}
-
-
 class ActorMesh:
-    def __init__(self, config: TrainConfig, env_vars: dict[str, str] | None = None):
+    """`wait_for_nodes`: a cluster too small for the mesh is waited for (a restart: a lost node's
+    capacity may come back) for up to --placement-timeout-s, instead of reported at once."""
+
+    def __init__(self, config: TrainConfig, env_vars: dict[str, str] | None = None, wait_for_nodes: bool = False):
         self.config, self.mesh = config, config.mesh
-        resources = plan_resources(config, ray.cluster_resources())
-        self.uses_gpu = resources["num_gpus"] > 0
+        per_actor, self.groups = place(config, wait_for_nodes)
+        self.uses_gpu = "GPU" in per_actor
+        self.actors = []
+        try:
+            self._start(per_actor, env_vars)
+        except BaseException:
+            self.shutdown(timeout=0)
+            raise
+        log.info("mesh up: %s, backend %s, rendezvous %s:%d", config.mesh.describe(), self.backend, *self.rendezvous)
+
+    def _start(self, per_actor: dict, env_vars: dict[str, str] | None) -> None:
         worker_cls = ray.remote(TowerWorker)
-        self.actors = [
-            worker_cls.options(**resources, runtime_env={"env_vars": dict(env_vars or {})},
-                               max_restarts=0).remote(config, rank)
-            for rank in range(config.mesh.world_size)
-        ]
-        self._wait_until_started(resources)
-        host, port = ray.get(self.actors[0].rendezvous_address.remote())
-        self.backend = self.call("init_distributed", host, port)[0]
-        log.info("mesh up: %s, backend %s, rendezvous %s:%d", config.mesh.describe(), self.backend, host, port)
+        for rank in range(self.mesh.world_size):
+            coord = self.mesh.coord(rank)
+            strategy = PlacementGroupSchedulingStrategy(self.groups[coord.replica],
+                                                        placement_group_bundle_index=coord.stage)
+            self.actors.append(worker_cls.options(
+                num_cpus=per_actor["CPU"], num_gpus=per_actor.get("GPU", 0), scheduling_strategy=strategy,
+                runtime_env={"env_vars": dict(env_vars or {})}, max_restarts=0).remote(self.config, rank))
+        self._wait_until_started(per_actor)
+        self.where = self.call("where")
+        self.rendezvous = ray.get(self.actors[0].rendezvous_address.remote())
+        self.backend = self.call("init_distributed", *self.rendezvous)[0]
+
+    def placement_table(self) -> str:
+        return format_placement(self.mesh, self.where)
 
     def _wait_until_started(self, resources: dict) -> None:
         """Every actor up within the placement timeout, or a clear error (no silent hang when the
@@ -59,8 +61,6 @@ class ActorMesh:
         refs = [actor.__ray_ready__.remote() for actor in self.actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         if pending:
-            for actor in self.actors:
-                ray.kill(actor)
             raise PlacementError(
                 f"{len(pending)} of {len(refs)} actors did not start within {timeout:g} s: each wants "
                 f"{resources}, the cluster has {ray.available_resources()} free of {ray.cluster_resources()}; "
@@ -109,16 +109,38 @@ class ActorMesh:
         views = self.config.eval_views if mode == "eval" else 1
         return StepPlan(mode, m, self.config.batch_size // m * views, schedule or self.config.schedule, lr, step)
 
+    def _replicas(self, value) -> list:
+        """One input per replica: a list of them, a single one when there is one replica, or None
+        for none."""
+        if value is None:
+            return [None] * self.mesh.replicas
+        if isinstance(value, (list, tuple)):
+            if len(value) != self.mesh.replicas:
+                raise ValueError(f"got inputs for {len(value)} replica(s), the mesh has {self.mesh.replicas}")
+            return list(value)
+        if self.mesh.replicas != 1:
+            raise ValueError(f"the mesh has {self.mesh.replicas} replicas: pass one input per replica")
+        return [value]
+
     def _step(self, method: str, plan: StepPlan, first: dict, last: dict) -> list:
-        """`method(plan, **inputs)` on every actor: stage 0 gets `first` (images and what goes
-        with them), the last stage `last` (labels and what goes with them), a stage that is both
-        gets both."""
+        """`method(plan, **inputs)` on every actor: stage 0 of replica r gets `first`'s values for
+        r (images and what goes with them), its last stage `last`'s (labels and what goes with
+        them); a stage that is both gets both. Each value: a list with one entry per replica, or
+        a single one for a one-replica mesh."""
+        first = {key: self._replicas(value) for key, value in first.items()}
+        last = {key: self._replicas(value) for key, value in last.items()}
         refs = []
         for rank, actor in enumerate(self.actors):
-            stage = self.mesh.coord(rank).stage
-            inputs = {**(first if stage == 0 else {}), **(last if stage == self.mesh.stages - 1 else {})}
+            coord = self.mesh.coord(rank)
+            inputs = {**({key: values[coord.replica] for key, values in first.items()} if coord.stage == 0 else {}),
+                      **({key: values[coord.replica] for key, values in last.items()}
+                         if coord.stage == self.mesh.stages - 1 else {})}
             refs.append(getattr(actor, method).remote(plan, **inputs))
         return self._gather(refs)
+
+    def loss_ranks(self) -> list[int]:
+        """The rank reporting each replica's loss and scores: its last stage, tower 0."""
+        return [self.mesh.lane(r, 0)[-1] for r in range(self.mesh.replicas)]
 
     def train_step(self, images, labels, lr: float, lighting=None, **plan) -> list[dict]:
         """One optimizer step on every actor; the reports in rank order."""
@@ -131,22 +153,28 @@ class ActorMesh:
                           {"labels": labels})
 
     def evaluate(self, images, labels, weights=None, **plan) -> dict:
-        """Loss sum and top-k hits of one validation batch (padding rows weigh 0), from the last
-        stage of tower 0 (every tower of it computes the same)."""
+        """Loss sum and top-k hits of one validation batch per replica (padding rows weigh 0),
+        added over the replicas, each from its last stage of tower 0 (every tower of it computes
+        the same)."""
         results = self._step("evaluate", self.plan("eval", **plan), {"images": images},
                              {"labels": labels, "weights": weights})
-        return results[self.mesh.lane(0, 0)[-1]]
+        scores = [results[rank] for rank in self.loss_ranks()]
+        return {key: sum(score[key] for score in scores) for key in scores[0]}
 
     @staticmethod
     def put(value) -> "ray.ObjectRef":
         """Store `value` once in the object store; every actor reads the same copy."""
         return ray.put(value)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Tear the process groups down (live actors, within `timeout`), kill every actor and
+        release the placement groups."""
         try:
-            ray.get([actor.shutdown.remote() for actor in self.actors], timeout=10)
+            if timeout:
+                ray.get([actor.shutdown.remote() for actor in self.actors], timeout=timeout)
         except Exception as err:  # a dead actor cannot tear down; killing it below is enough
             log.warning("process-group teardown failed: %s", err)
         finally:
             for actor in self.actors:
                 ray.kill(actor)
+            release(self.groups)

@@ -16,7 +16,9 @@ from stages.config import ModelConfig
 from stages.split import BALANCE, Split, format_split, resolve_split
 
 LR_SCHEDULES = ("plateau", "milestones")
+LR_SCALINGS = ("linear", "none")
 DEMO_DATA = "demo"
+METRICS_PORT = 9408  # the driver's Prometheus port (none of Ray's: 6379, 8265, 10001; its own metrics port is random)
 
 
 class ConfigError(ValueError):
@@ -41,7 +43,14 @@ class TrainConfig:
     channels_last: bool = _opt(True, "run convolutions in channels_last memory format")
 
     # --- mesh (cluster/mesh.py)
-    replicas: int = _opt(1, "data-parallel replicas of the two-tower network")
+    replicas: int = _opt(1, "data-parallel replicas of the two-tower network; each reads its own batch_size "
+                            "images a step and the replicas average their gradients")
+    bucket_mb: float = _opt(25.0, "size of the gradient buckets all-reduced across replicas while backward runs (MiB)")
+    overlap_allreduce: bool = _opt(True, "start each bucket's all-reduce as soon as its gradients are final "
+                                         "(off: all after the backward pass)")
+    stage_resources: str = _opt("", "custom Ray resources that pin stages to nodes, e.g. '0=ssd,2=bigmem': "
+                                    "stage 0 only on nodes started with --resources '{\"ssd\": 1}', stage 2 on "
+                                    "`bigmem` nodes (each stage asks for 0.01 of its resource)")
     stages: int = _opt(1, "pipeline stages per tower")
     stage_split: str = _opt("flops", "layers of each stage, e.g. 'conv1-conv2 | conv3-fc8', or a split "
                                      "balanced by `flops` (forward+backward multiply-adds) or `time` (each layer "
@@ -64,7 +73,10 @@ class TrainConfig:
     max_steps: int = _opt(0, "stop after this many optimizer steps in total; 0: no limit")
 
     # --- optimisation (PAPER.md §Training)
-    lr: float = _opt(0.01, "initial learning rate ε")
+    lr: float = _opt(0.01, "initial learning rate ε for lr_batch images a step (see lr_scaling)")
+    lr_batch: int = _opt(128, "the global batch (replicas × batch_size) that --lr is given for (the paper's 128)")
+    lr_scaling: str = _opt("linear", "learning rate for another global batch: `linear` (ε × global batch / "
+                                     "lr_batch, Goyal et al. 2017) or `none` (ε as given)")
     momentum: float = _opt(0.9, "momentum of the paper's update rule")
     weight_decay: float = _opt(0.0005, "weight decay of the paper's update rule")
     lr_schedule: str = _opt("plateau", "`plateau`: ÷10 when validation error stalls; `milestones`: ÷10 at fixed epochs")
@@ -91,10 +103,15 @@ class TrainConfig:
     trace: str = _opt("", "write a Chrome-trace/Perfetto JSON of step --trace-step across all actors to this file")
     trace_step: int = _opt(2, "the step whose per-actor timeline is printed (pipelines) and --trace records "
                               "(the first pays for warm-up)")
+    metrics_addr: str = _opt(f"127.0.0.1:{METRICS_PORT}", "HOST:PORT where the driver serves Prometheus metrics "
+                                                          "(/metrics); port 0 picks a free one and prints it; `off`: "
+                                                          "none (the history and tables are still written)")
+    report: bool = _opt(True, "at the end of the run, write plots and report.md to run_dir/report "
+                              "(`python -m cluster.report RUN_DIR` does it any time)")
 
     def __post_init__(self):
         self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "loader_threads", "batch_size",
-                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step",
+                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step", "lr_batch",
                              "collective_timeout_s", "placement_timeout_s")
         self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops", "checkpoint_every",
                                  "max_restarts", "keep_every")
@@ -111,6 +128,11 @@ class TrainConfig:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.resize < self.image_size:
             raise ConfigError(f"resize {self.resize} must be at least image_size {self.image_size}")
+        self.metrics_endpoint  # validates metrics_addr
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
+        if self.bucket_mb <= 0:
+            raise ConfigError(f"bucket_mb must be > 0, got {self.bucket_mb}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m <= 0 for m in self.lr_milestones):
@@ -122,6 +144,7 @@ class TrainConfig:
             self.mesh, self.model_config  # each validates itself
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        self.pinned_stages  # validates stage_resources
         if self.stage_split not in BALANCE:
             try:
                 self.split
@@ -157,6 +180,42 @@ class TrainConfig:
     def resolved_split(self) -> "TrainConfig":
         """This config with stage_split written out as a table (what every actor must share)."""
         return self.replace(stage_split=format_split(self.split))
+
+    @property
+    def pinned_stages(self) -> dict[int, str]:
+        """stage_resources parsed: stage index → custom Ray resource its actors need."""
+        pinned: dict[int, str] = {}
+        for item in filter(None, (part.strip() for part in self.stage_resources.split(","))):
+            stage, _, resource = item.partition("=")
+            if not stage.strip().isdigit() or not resource.strip() or int(stage) >= self.stages:
+                raise ConfigError(f"stage_resources must be STAGE=RESOURCE items with STAGE in 0..{self.stages - 1}, "
+                                  f"separated by commas, got {self.stage_resources!r}")
+            pinned[int(stage)] = resource.strip()
+        return pinned
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """metrics_addr parsed: (host, port), or None when it is `off`."""
+        if self.metrics_addr == "off":
+            return None
+        host, _, port = self.metrics_addr.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")  # [::1]:9408
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"metrics_addr must be HOST:PORT (port 0..65535, 0: any free one) or `off`, "
+                              f"got {self.metrics_addr!r}")
+        return host, int(port)
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all replicas."""
+        return self.replicas * self.batch_size
+
+    @property
+    def scaled_lr(self) -> float:
+        """The initial ε this run uses: --lr, for lr_batch images, scaled to the global batch."""
+        if self.lr_scaling == "linear":
+            return self.lr * self.global_batch / self.lr_batch
+        return self.lr
 
     @property
     def microbatch_size(self) -> int:

@@ -22,12 +22,14 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import ray  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from cluster import checkpoint, localnet  # noqa: E402
+from cluster import checkpoint, localnet, storage  # noqa: E402
 from cluster.actor_mesh import ActorMesh, PlacementError  # noqa: E402
 from cluster.checkpoint import CheckpointError  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
 from cluster.export import consolidate_with_momentum  # noqa: E402
+from cluster.metrics import Metrics, RunMetrics  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
+from cluster.replica_data import ReplicaReaders  # noqa: E402
 from cluster.trainer import NonFiniteLoss, Start, TrainResult, resume_point, total_steps, train  # noqa: E402
 from cluster.worker import STORAGE_CHECK  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
@@ -48,12 +50,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resolve_location(name: str, location: str) -> str:
+    """Option `name`'s path made absolute (actors may run elsewhere), or its URI as given once its
+    form is valid (cluster/storage.py: s3://, gs://, hdfs://, file://)."""
+    try:
+        storage.open_storage(location)
+    except (ValueError, OSError) as err:  # OSError: s3:// without a region asks AWS for the bucket's
+        raise ConfigError(f"{name} {location}: {storage.error_line(err)}: give a path or a URI such as "
+                          f"s3://bucket/prefix") from None
+    return storage.absolute(location)
+
+
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """The recipe with the user's flags, paths made absolute (actors may run elsewhere)."""
     config = build_config(args.recipe, **overrides(args))
-    changes = {"run_dir": os.path.abspath(os.path.expanduser(config.run_dir))}
+    changes = {"run_dir": resolve_location("run_dir", config.run_dir)}
     if config.resume not in ("auto", "never"):
-        changes["resume"] = os.path.abspath(os.path.expanduser(config.resume))
+        changes["resume"] = resolve_location("resume", config.resume)
     if config.train_data == DEMO_DATA or config.val_data == DEMO_DATA:
         demo = ensure_demo_dataset()
         if config.num_classes != len(demo.class_names):
@@ -73,20 +86,30 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def open_data(config: TrainConfig) -> tuple[ShardBatches, ShardBatches]:
-    """The readers for replica 0 (the only one until data parallelism lands)."""
+def open_data(config: TrainConfig) -> tuple[ReplicaReaders, ReplicaReaders]:
+    """Every replica's training and validation readers: replica r reads a disjoint share of each
+    epoch, with the same number of batches as the others."""
     common = dict(seed=config.seed, resize=config.resize, crop=config.image_size, num_classes=config.num_classes,
-                  max_bad_fraction=config.max_bad_fraction, num_threads=config.loader_threads)
+                  max_bad_fraction=config.max_bad_fraction, num_threads=config.loader_threads,
+                  replicas=config.replicas)
     lighting = config.variant if config.pca_lighting else None
-    train_data = ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting, **common)
-    val_data = ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views, **common)
+    train_data = ReplicaReaders([ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting,
+                                              replica=r, **common) for r in range(config.replicas)])
+    val_data = ReplicaReaders([ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views,
+                                            replica=r, **common) for r in range(config.replicas)])
     return train_data, val_data
 
 
-def find_start(config: TrainConfig, train_data: ShardBatches) -> Start:
+def find_start(config: TrainConfig, train_data: ReplicaReaders) -> Start:
     """Step 0, or the checkpoint --resume names (`auto`: run_dir's newest complete one), verified
-    (every shard's sha256), of the same architecture and mesh, its reader position ours."""
-    directory = checkpoint.find_resume(config.run_dir, config.resume)
+    (every shard's sha256), of the same architecture and mesh, its reader position ours. The
+    driver must reach run_dir, else ConfigError before any actor starts."""
+    try:
+        storage.open_storage(config.run_dir).makedirs()
+        directory = checkpoint.find_resume(config.run_dir, config.resume)
+    except OSError as err:
+        raise ConfigError(f"run_dir {config.run_dir} is not reachable from the driver: "
+                          f"{storage.error_line(err)}") from None
     if directory is None:
         return Start()
     manifest = checkpoint.read_manifest(directory)
@@ -107,8 +130,8 @@ def load_checkpoint(workers: ActorMesh, start: Start) -> None:
     manifest, state, momentum = consolidate_with_momentum(start.directory)
     workers.call("load_consolidated", workers.put((state, momentum)))
     saved = manifest[checkpoint.KEY_CONFIG]
-    print(f"resumed from {start.directory}, re-split from {saved['stages']} stage(s) ({saved['stage_split']}) × "
-          f"{saved['towers']} tower process(es)", flush=True)
+    print(f"resumed from {start.directory}, re-split from {saved['replicas']} replica(s) × {saved['stages']} stage(s) "
+          f"({saved['stage_split']}) × {saved['towers']} tower process(es)", flush=True)
 
 
 @contextlib.contextmanager
@@ -158,25 +181,37 @@ class StorageError(RuntimeError):
 def check_storage(workers: ActorMesh, run_dir: str) -> None:
     """Every actor must see the run directory the driver writes to (checkpoints are written by
     the actors, the manifest by the driver): the driver leaves a token there, each actor reads
-    it and leaves a file back. Raises StorageError naming the actors and hosts that cannot."""
-    os.makedirs(run_dir, exist_ok=True)
+    it and leaves it back in a file of its own. `run_dir` is a path or a URI; each actor opens it
+    with its own credentials. Raises StorageError naming the actors and hosts that cannot."""
+    run = storage.open_storage(run_dir)
     token = uuid.uuid4().hex
-    marker = os.path.join(run_dir, STORAGE_CHECK)
-    with open(marker, "w") as f:
-        f.write(token)
+    try:
+        run.makedirs()
+        run.child(STORAGE_CHECK).write_bytes(token.encode())
+    except OSError as err:
+        raise StorageError(f"--run-dir {run_dir}: the driver cannot write there: {storage.error_line(err)}") from None
     try:
         answers = workers.call("check_storage", run_dir, token)
-        failed = [a for a in answers
-                  if not a["ok"] or not os.path.exists(os.path.join(run_dir, f"{STORAGE_CHECK}.rank{a['rank']}"))]
+        failed = [a for a in answers if not a["ok"] or not _token_came_back(run, a["rank"], token)]
         if failed:
             who = "; ".join(f"rank {a['rank']} on {a['host']}: {a['detail'] or 'its file did not reach the driver'}"
                             for a in failed)
             raise StorageError(f"--run-dir {run_dir} is not shared by the driver and every actor ({who}): put it on "
-                               f"storage every node mounts at the same path")
+                               f"storage every node mounts at the same path, or on a URI (s3://, gs://, hdfs://) "
+                               f"every node reaches")
     finally:
-        for name in os.listdir(run_dir):
-            if name.startswith(STORAGE_CHECK):
-                os.remove(os.path.join(run_dir, name))
+        with contextlib.suppress(OSError):  # an error above is the one to report
+            for name in run.listdir():
+                if name.startswith(STORAGE_CHECK):
+                    run.child(name).delete()
+
+
+def _token_came_back(run: storage.Storage, rank: int, token: str) -> bool:
+    """Whether rank `rank`'s file in the run dir holds the driver's token, as the driver reads it."""
+    try:
+        return run.child(f"{STORAGE_CHECK}.rank{rank}").read_bytes() == token.encode()
+    except OSError:
+        return False
 
 
 def failure_cause(err: Exception) -> str:
@@ -187,25 +222,36 @@ def failure_cause(err: Exception) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches, val_data: ShardBatches,
-                        start: Start) -> TrainResult:
+def restart_cause(err: Exception) -> str:
+    """What a restartable failure was, in the metrics' words (cluster/metrics.py RESTART_CAUSES)."""
+    if isinstance(err, ray.exceptions.RayActorError):
+        return "actor_died"
+    return "collective_timeout" if "Timed out" in failure_cause(err) else "collective_failed"
+
+
+def train_with_restarts(config: TrainConfig, env: dict, train_data: ReplicaReaders, val_data: ReplicaReaders,
+                        start: Start, metrics: Metrics = Metrics()) -> TrainResult:
     """Train; when an actor dies or a collective fails, tear the mesh down, start a new one, load
     the newest checkpoint and go on, up to --max-restarts times. A NaN or infinite loss (the
-    weights are then spoilt) goes back to the newest checkpoint once; a second one stops the run."""
+    weights are then spoilt) goes back to the newest checkpoint once; a second one stops the run.
+    `metrics` hears of every attempt's start and every restart's cause."""
     restarts, nan_restored = 0, False
     while True:
-        workers = ActorMesh(config, env)
+        workers = ActorMesh(config, env, wait_for_nodes=restarts > 0)  # a lost node may come back
+        print(f"placement:\n{workers.placement_table()}", flush=True)
         try:
             check_storage(workers, config.run_dir)
             if start.directory:
                 load_checkpoint(workers, start)
+            metrics.begin(start.step, start.epoch, start.directory)
             return train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
-                         start=start)
+                         start=start, metrics=metrics)
         except NonFiniteLoss as err:  # once: a transient fault goes away, a real divergence comes back
             if nan_restored:
                 raise NonFiniteLoss(err.step, err.loss, f"again, after going on once from {start.directory or 'step 0'}: "
                                                         "the run diverges; lower --lr or check the data") from None
             nan_restored = True
+            metrics.restart("nonfinite_loss", str(err))
             start = find_start(config.replace(resume="auto"), train_data)
             print(f"{err}; going on once from {start.directory or 'step 0 (no checkpoint yet)'}", flush=True)
         except ray.exceptions.RayError as err:
@@ -215,6 +261,7 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ShardBatches
                           file=sys.stderr, flush=True)
                 raise
             restarts += 1
+            metrics.restart(restart_cause(err), failure_cause(err))
             start = find_start(config.replace(resume="auto"), train_data)
             print(f"restart {restarts}/{config.max_restarts}: {failure_cause(err)}; going on from "
                   f"{start.directory or 'step 0 (no checkpoint yet)'}", flush=True)
@@ -241,23 +288,40 @@ def main(argv: list[str] | None = None) -> int:
               f"raise --epochs or --max-steps to go on")
         return 0
     print(f"recipe {config.recipe}: {config.mesh.describe()}; run dir {config.run_dir}", flush=True)
+    if config.replicas > 1 or config.scaled_lr != config.lr:
+        print(f"global batch {config.global_batch} ({config.replicas} × {config.batch_size}); initial ε "
+              f"{config.scaled_lr:g} ({config.lr:g} per {config.lr_batch} images, {config.lr_scaling} scaling)",
+              flush=True)
     if config.stages > 1:
         costs = layer_costs(config.model_config)
         print(f"pipeline stages ({config.schedule}, {config.microbatches} microbatch(es) per step):\n"
               f"{split_table(config.split, costs)}", flush=True)
-    with ray_session(config) as env:
+    try:  # served from here to the end, across mesh restarts
+        metrics = RunMetrics(config, train_data, val_data, total, print_fn=lambda line: print(line, flush=True))
+    except OSError as err:
+        print(f"error: metrics_addr {config.metrics_addr}: {err}", file=sys.stderr)
+        return 2
+    with metrics, ray_session(config) as env:
         try:
-            result = train_with_restarts(config, env, train_data, val_data, start)
+            result = train_with_restarts(config, env, train_data, val_data, start, metrics)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except (PlacementError, StorageError, ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
             print(f"error: training failed: {err}", file=sys.stderr, flush=True)
             return 1
+        metrics.finish()
     last = result.epochs[-1]
     print(f"done: {result.steps} steps, val top-1 {100 * last.val_top1:.1f}%, top-5 {100 * last.val_top5:.1f}%, "
           f"{result.images_per_second:.1f} img/s, data wait {100 * result.data_wait_fraction:.1f}% of step time; "
           f"checkpoint {result.checkpoint}", flush=True)
+    if config.report:
+        from cluster.report import write_report  # matplotlib: imported only to draw (0.7 s)
+
+        try:
+            print(f"report: {write_report(config.run_dir)}", flush=True)
+        except Exception as err:  # the run succeeded; a plot that fails must not say otherwise
+            log.warning("the report was not written: %s: %s", type(err).__name__, err)
     return 0
 
 

@@ -1,5 +1,7 @@
 """`python -m cluster.export RUN_DIR OUT.pt`: one state dict of the whole trained network.
 
+RUN_DIR is a path or a URI (`s3://bucket/run?...`, cluster/storage.py); OUT.pt is a local file.
+
 A checkpoint holds one shard per rank, each with its (stage, tower)'s layers. This gathers replica
 0's shards into the reference network's state (`consolidate`), converts it to the grouped layout
 (stages/grouped.py: `conv1.weight` (96, 3, 11, 11), ..., `fc8.weight` (1000, 4096), tower 0's
@@ -22,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from cluster import checkpoint
+from cluster import checkpoint, storage
 from cluster.checkpoint import CheckpointError
 from data.transforms import MEAN_RGB
 from stages.config import ModelConfig
@@ -90,15 +92,15 @@ def _gather(directory: str, momentum: bool) -> tuple[dict, dict[str, torch.Tenso
     state, velocities, source = {}, {}, {}
     for shard in manifest[checkpoint.KEY_SHARDS]:
         try:
-            saved = torch.load(os.path.join(directory, shard["file"]), weights_only=True, map_location="cpu")
+            saved = checkpoint.load_shard(directory, shard["file"])
             replica, _, tower = saved[checkpoint.SHARD_COORD]
+            if replica != 0:  # the other replicas' shards hold only their RNG state
+                continue
             model = saved[checkpoint.SHARD_MODEL]
             slots = saved[checkpoint.SHARD_OPTIMIZER]["state"] if momentum else {}
         except Exception as err:  # verified bytes that still do not load: not our format
             raise CheckpointError(f"checkpoint {directory}: shard {shard['file']} does not load as a shard: "
                                   f"{err}") from None
-        if replica != 0:  # replicas hold copies of replica 0's weights
-            continue
         for index, (key, tensor) in enumerate(model.items()):  # the model has parameters only
             # a HalfTower's keys (towers = 2) start `layers.`; a towers = 1 actor's are the reference's
             name = key if key.startswith("towers.") else f"towers.{tower}.{key}"
@@ -113,11 +115,12 @@ def _gather(directory: str, momentum: bool) -> tuple[dict, dict[str, torch.Tenso
 def find_checkpoint(path: str) -> str:
     """`path` if it is a checkpoint directory, else the newest complete checkpoint of run dir
     `path` whose shards verify. Raises CheckpointError saying what is there instead."""
-    if not os.path.isdir(path):
+    where = storage.open_storage(path)
+    if not where.is_dir():
         raise CheckpointError(f"{path} is not a directory: pass a run dir or one of its "
                               f"checkpoint-NNNNNNNN directories")
-    if os.path.basename(os.path.normpath(path)).startswith("checkpoint-"):
-        if not os.path.exists(os.path.join(path, checkpoint.MANIFEST)):
+    if storage.basename(path).startswith("checkpoint-"):
+        if not where.child(checkpoint.MANIFEST).exists():
             raise CheckpointError(f"checkpoint {path} is incomplete: it has no {checkpoint.MANIFEST} "
                                   f"(the run stopped while writing it)")
         return path
@@ -178,7 +181,7 @@ def export(source: str, out: str, layout: str = "grouped") -> dict:
         "format": EXPORT_FORMAT,
         "layout": layout,
         "model_config": dataclasses.asdict(cfg),
-        "checkpoint": os.path.abspath(directory),
+        "checkpoint": storage.absolute(directory),
         "step": manifest[checkpoint.KEY_STEP],
         "epoch": manifest.get(checkpoint.KEY_EPOCH),
         "input": f"(b, 3, {cfg.image_size}, {cfg.image_size}) float32 RGB on the 0-255 scale minus the channel "
@@ -211,7 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m cluster.export",
         description="Write one consolidated state dict of a trained two-tower AlexNet.")
     parser.add_argument("source", help="a run dir (its newest complete checkpoint that verifies is used) "
-                                       "or a checkpoint-NNNNNNNN directory")
+                                       "or a checkpoint-NNNNNNNN directory: a path or a URI such as "
+                                       "s3://bucket/run?endpoint_override=host:9000")
     parser.add_argument("out", help="the .pt file to write; its description goes to the same name with .json")
     parser.add_argument("--format", dest="layout", choices=LAYOUTS, default="grouped",
                         help="`grouped` (default): conv1.weight ... fc8.bias, one network with groups=2 on "
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         description = export(args.source, args.out, args.layout)
-    except (CheckpointError, OSError) as err:  # OSError: OUT cannot be written
+    except (CheckpointError, OSError, ValueError) as err:  # OSError: unreachable, or OUT cannot be written
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return 2
     print(f"wrote {args.out} ({description['layout']} layout, {description['parameters']:,} parameters) "

@@ -10,14 +10,15 @@ towers = 2 gives each half-tower its own process (the paper's layout); towers = 
 in one process with a local exchange (one GPU, or a pipeline benchmark on two cores).
 
 A lane is the pipeline of one (replica, tower): its stages in order. Activations flow along a
-lane, point to point; the towers of one stage exchange at the cross-connections.
+lane, point to point; the towers of one stage exchange at the cross-connections. The replicas of
+one (stage, tower) hold the same weights and all-reduce their gradients each step.
 """
 
 from dataclasses import dataclass
 
 from stages.tower import LAYERS
 
-SUPPORTED_REPLICAS = (1,)  # data parallelism: a later issue
+MAX_REPLICAS = 1024
 SUPPORTED_STAGES = tuple(range(1, len(LAYERS) + 1))  # a stage holds one layer or more
 SUPPORTED_TOWERS = (1, 2)
 
@@ -36,14 +37,15 @@ class Mesh:
     towers: int = 2
 
     def __post_init__(self):
-        for axis, value, allowed in (("replicas", self.replicas, SUPPORTED_REPLICAS),
-                                     ("stages", self.stages, SUPPORTED_STAGES),
+        if not 1 <= self.replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be in 1..{MAX_REPLICAS}, got {self.replicas}")
+        for axis, value, allowed in (("stages", self.stages, SUPPORTED_STAGES),
                                      ("towers", self.towers, SUPPORTED_TOWERS)):
             if value not in allowed:
                 reason = {"towers": ": the paper splits every layer across two towers, held by 2 processes or 1",
                           "stages": f": each stage holds at least one of the {len(LAYERS)} layers"}
                 raise ValueError(f"{axis} must be one of {', '.join(map(str, allowed))}, got {value}"
-                                 + reason.get(axis, ": only that is supported so far"))
+                                 + reason[axis])
 
     @property
     def world_size(self) -> int:
@@ -84,3 +86,11 @@ class Mesh:
         (every rank must create the groups in the same order)."""
         return [(lane[s], lane[s + 1]) for r in range(self.replicas) for t in range(self.towers)
                 for lane in [self.lane(r, t)] for s in range(self.stages - 1)]
+
+    def replica_group(self, stage: int, tower: int) -> list[int]:
+        """Ranks that all-reduce their gradients: one (stage, tower) in every replica."""
+        return [self.rank(Coord(replica, stage, tower)) for replica in range(self.replicas)]
+
+    def replica_groups(self) -> list[list[int]]:
+        """Every (stage, tower)'s replica group, in one fixed order."""
+        return [self.replica_group(s, t) for s in range(self.stages) for t in range(self.towers)]

@@ -1,4 +1,4 @@
-"""Progress lines a person can read: step, epoch, loss, rate and ETA."""
+"""Progress lines a person can read: step, epoch, loss, rate, train top-1 and ETA."""
 
 import time
 
@@ -24,10 +24,14 @@ class Progress:
         self.started = clock()
         self.warm_start: float | None = None
         self.warm_images = 0
+        self.scored = self.hits = 0  # since the last line: images with top-1 hits reported, and the hits
 
-    def update(self, images: int) -> None:
+    def update(self, images: int, top1: float | None = None) -> None:
+        """One step of `images`; `top1`: how many of them the network ranked first correctly."""
         self.steps += 1
         self.images += images
+        if top1 is not None:
+            self.scored, self.hits = self.scored + images, self.hits + top1
         if self.warm_start is None:
             self.warm_start = self.clock()
         else:
@@ -52,5 +56,8 @@ class Progress:
         return self.seconds_per_step * (self.total_steps - self.steps)
 
     def line(self, epoch: int, epochs: int, loss: float, lr: float, extra: str = "") -> str:
+        """The line; its train top-1 is over the steps since the previous line."""
+        top1 = f" | train top-1 {100 * self.hits / self.scored:.1f}%" if self.scored else ""
+        self.scored = self.hits = 0
         return (f"step {self.steps}/{self.total_steps} | epoch {epoch + 1}/{epochs} | loss {loss:.4f} | "
-                f"lr {lr:.3g} | {self.images_per_second:.1f} img/s{extra} | ETA {format_duration(self.eta())}")
+                f"lr {lr:.3g} | {self.images_per_second:.1f} img/s{top1}{extra} | ETA {format_duration(self.eta())}")

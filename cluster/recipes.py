@@ -24,12 +24,12 @@ def demo() -> TrainConfig:
     pooling, dropout, init and update rule are kept; the input is 128×128 crops of 146×146
     images (so the maps are 31/15/7/3 instead of 55/27/13/6 and fc6 reads 2·128·3·3 = 2304 values),
     batches are 32 (with the paper's init the network sits at chance for its first ~100 updates;
-    smaller batches get out sooner), ε = 0.005 (at 0.01 a run left chance, then diverged back to
+    smaller batches get out sooner), ε = 0.005 per 32 images (at 0.01 a run left chance, then diverged back to
     it), 20 epochs, ε divided by 10 after epoch 16."""
     return TrainConfig(
         recipe="demo",
         num_classes=10, image_size=128, resize=146, dropout=0.5,
-        batch_size=32, epochs=20, lr=0.005, momentum=0.9, weight_decay=0.0005,
+        batch_size=32, epochs=20, lr=0.005, lr_batch=32, momentum=0.9, weight_decay=0.0005,
         lr_schedule="milestones", lr_milestones=(16,), lr_patience=2,
         train_data="demo", val_data="demo", run_dir="runs/demo", log_every=10,
     )

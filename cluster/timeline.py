@@ -42,7 +42,8 @@ def format_summary(summary: dict) -> str:
 
 # Chrome trace names: what each recorded kind is called on the timeline.
 _NAMES = {"F": "forward", "B": "backward", "recv": "wait for activations", "recv grad": "wait for gradients",
-          "send": "send activations", "send grad": "send gradients", "flush": "flush", "optimizer": "optimizer step"}
+          "send": "send activations", "send grad": "send gradients", "flush": "flush", "optimizer": "optimizer step",
+          "allreduce": "wait for the gradient all-reduce"}
 
 
 def chrome_trace(reports: list[dict], mesh: Mesh, step: int) -> dict:
@@ -54,7 +55,8 @@ def chrome_trace(reports: list[dict], mesh: Mesh, step: int) -> dict:
     for report in reports:
         rank = report["rank"]
         coord = mesh.coord(rank)
-        label = f"rank {rank}: stage {coord.stage}, tower {coord.tower}"
+        label = (f"rank {rank}: " + (f"replica {coord.replica}, " if mesh.replicas > 1 else "")
+                 + f"stage {coord.stage}, tower {coord.tower}")
         events.append({"ph": "M", "name": "process_name", "pid": rank, "tid": 0, "args": {"name": label}})
         events.append({"ph": "M", "name": "process_sort_index", "pid": rank, "tid": 0, "args": {"sort_index": rank}})
         for kind, microbatch, start, end in report["events"]:

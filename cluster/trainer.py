@@ -6,14 +6,14 @@ optimizer."""
 import dataclasses
 import logging
 import math
-import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
 
-from cluster import checkpoint
+from cluster import checkpoint, storage
 from cluster.config import TrainConfig
+from cluster.metrics import Metrics
 from cluster.progress import Progress, format_duration
 from cluster.timeline import format_summary, step_summary, write_trace
 from data.loader import ShardBatches
@@ -32,8 +32,8 @@ class NonFiniteLoss(RuntimeError):
 
 def make_schedule(config: TrainConfig):
     if config.lr_schedule == "milestones":
-        return MilestoneSchedule(config.lr, milestones=config.lr_milestones)
-    return PlateauSchedule(config.lr, patience=config.lr_patience, max_drops=config.lr_max_drops)
+        return MilestoneSchedule(config.scaled_lr, milestones=config.lr_milestones)
+    return PlateauSchedule(config.scaled_lr, patience=config.lr_patience, max_drops=config.lr_max_drops)
 
 
 def prefetched(batches: Iterator, put, depth: int = 2) -> Iterator:
@@ -42,13 +42,15 @@ def prefetched(batches: Iterator, put, depth: int = 2) -> Iterator:
     slots: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 
-    def stored(tensor):
+    def stored(tensor):  # a tensor, one per replica, or None
+        if isinstance(tensor, list):
+            return [put(t) for t in tensor]
         return None if tensor is None else put(tensor)
 
     def produce():
         try:
             for batch in batches:
-                slots.put(dataclasses.replace(batch, images=put(batch.images), labels=put(batch.labels),
+                slots.put(dataclasses.replace(batch, images=stored(batch.images), labels=stored(batch.labels),
                                               lighting=stored(batch.lighting), weights=stored(batch.weights)))
             slots.put(done)
         except BaseException as err:  # re-raised in the consumer
@@ -112,6 +114,13 @@ def step_extras(config: TrainConfig, results: list[dict], wait_share: WaitShare)
     return extra + f" | data wait {100 * wait_share.fraction:.0f}%"
 
 
+def replica_total(results: list[dict], ranks: list[int], key: str) -> float | None:
+    """`key`'s sum over the replicas' reports (`ranks`: each replica's loss rank), if reported:
+    e.g. the global batch's top-1 hits, which Progress divides by the global batch's images."""
+    values = [results[rank].get(key) for rank in ranks]
+    return None if values[0] is None else sum(values)
+
+
 def evaluate(workers, loader: ShardBatches) -> tuple[float, float, float]:
     """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crop, or the
     ten views with --eval-views 10; padding rows weigh 0)."""
@@ -157,8 +166,9 @@ class Checkpointer:
     stall only if they are not done) and writes the manifest. Until then the checkpoint is
     incomplete and a resume takes the one before."""
 
-    def __init__(self, config: TrainConfig, workers, train_data: ShardBatches, print_fn):
+    def __init__(self, config: TrainConfig, workers, train_data: ShardBatches, print_fn, metrics: Metrics = Metrics()):
         self.config, self.workers, self.train_data, self.print_fn = config, workers, train_data, print_fn
+        self.metrics = metrics
         self.last_step = -1
         self.pending: tuple | None = None
 
@@ -168,13 +178,13 @@ class Checkpointer:
         if step == self.last_step:
             return directory
         self.finish()
-        os.makedirs(directory, exist_ok=True)
+        storage.open_storage(directory).makedirs()
         manifest = {"step": step, "epoch": epoch, "loader": self.train_data.state_dict(epoch, next_batch),
                     "trainer": {"schedule": schedule.state_dict(), "epoch_loss_sum": epoch_loss_sum}}
         asynchronous = self.config.async_checkpoint and not final
         started = time.perf_counter()
         entries = self.workers.call("save", directory, asynchronous)
-        self.pending = (directory, manifest, None if asynchronous else entries, time.perf_counter() - started)
+        self.pending = (directory, manifest, None if asynchronous else entries, time.perf_counter() - started, started)
         self.last_step = step
         if not asynchronous:
             self.finish()
@@ -184,7 +194,7 @@ class Checkpointer:
         """Complete the pending checkpoint, if any: its shards written, then its manifest."""
         if self.pending is None:
             return
-        directory, manifest, entries, stall = self.pending
+        directory, manifest, entries, stall, began = self.pending
         self.pending = None
         started = time.perf_counter()
         if entries is None:
@@ -193,11 +203,12 @@ class Checkpointer:
         checkpoint.write_manifest(directory, config=self.config.to_dict(), mesh=dataclasses.asdict(self.config.mesh),
                                   shard_paths=entries, **manifest)
         checkpoint.prune(self.config.run_dir, self.config.keep_checkpoints, self.config.keep_every)
-        self.print_fn(f"checkpoint: {os.path.abspath(directory)} (training stalled {stall:.2f} s)")
+        self.print_fn(f"checkpoint: {storage.absolute(directory)} (training stalled {stall:.2f} s)")
+        self.metrics.checkpoint(manifest["step"], stall, time.perf_counter() - began, entries)
 
 
 def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: ShardBatches,
-          print_fn=print, start: Start | None = None) -> TrainResult:
+          print_fn=print, start: Start | None = None, metrics: Metrics = Metrics()) -> TrainResult:
     start = start or Start()
     schedule = make_schedule(config)
     if start.trainer:
@@ -207,27 +218,28 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
     total = total_steps(config, train_data)
     progress = Progress(total, done=start.step)
     wait_share = WaitShare()
-    saver = Checkpointer(config, workers, train_data, print_fn)
+    saver = Checkpointer(config, workers, train_data, print_fn, metrics)
     epochs: list[EpochResult] = []
     epoch, batch_index, loss_sum = start.epoch, start.next_batch, start.trainer.get("epoch_loss_sum", 0.0)
     print_fn(f"training {total} steps ({config.epochs} epochs × {steps_per_epoch}) of "
              f"{config.batch_size} images in {config.microbatches} microbatch(es) on {config.mesh.describe()}"
              + (f", {config.schedule} schedule" if config.stages > 1 else "")
              + (f"; resuming at step {start.step} (epoch {start.epoch + 1}, batch {start.next_batch})" if start.step else ""))
-    loss_rank = config.mesh.lane(0, 0)[-1]  # the last stage holds the loss
+    loss_ranks = workers.loss_ranks()  # each replica's last stage holds its loss
     for epoch in range(start.epoch, config.epochs):
         if epoch != start.epoch:
             batch_index, loss_sum = 0, 0.0
-        for batch, data_wait in prefetched(train_data.epoch_batches(epoch, batch_index), workers.put):
+        for batch, data_wait in prefetched(metrics.decoding(train_data.epoch_batches(epoch, batch_index)), workers.put):
             if progress.steps >= total:
                 break
             started = time.perf_counter()
             results = workers.train_step(batch.images, batch.labels, lr, batch.lighting, step=progress.steps + 1)
             wait_share.add(data_wait, time.perf_counter() - started + data_wait)
-            loss = results[loss_rank]["loss"]
+            loss = sum(results[rank]["loss"] for rank in loss_ranks) / len(loss_ranks)  # of the global batch
             if not math.isfinite(loss):
                 raise NonFiniteLoss(progress.steps + 1, loss)
-            progress.update(results[loss_rank]["images"])
+            progress.update(sum(results[rank]["images"] for rank in loss_ranks), replica_total(results, loss_ranks, "top1"))
+            metrics.step(progress.steps, epoch, lr, results, data_wait, time.perf_counter() - started + data_wait)
             loss_sum, batch_index = loss_sum + loss, batch.index + 1
             if progress.steps == config.trace_step and config.stages > 1:
                 where = f": {write_trace(config.trace, results, config.mesh, progress.steps)}" if config.trace else ""
@@ -243,6 +255,7 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
         print_fn(f"epoch {epoch + 1}/{config.epochs}{'' if finished else f' (stopped after batch {batch_index})'}: "
                  f"train loss {epochs[-1].train_loss:.4f} | val loss {val_loss:.4f} | val top-1 {100 * top1:.1f}% "
                  f"| val top-5 {100 * top5:.1f}% | elapsed {format_duration(progress.clock() - progress.started)}")
+        metrics.epoch(epochs[-1])
         if not finished:  # max_steps ended the run inside the epoch: its schedule step is yet to come
             break
         lr = schedule.end_epoch(epoch, 1.0 - top1)

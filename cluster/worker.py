@@ -10,6 +10,7 @@ imports Ray, so tests can also drive it in-process.
 """
 
 import concurrent.futures
+import dataclasses
 import os
 import socket
 import time
@@ -19,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cluster import checkpoint, localnet
+from cluster import checkpoint, localnet, storage
 from cluster.config import TrainConfig
 from cluster.exchange import ExchangeStats, TowerExchange
+from cluster.gradsync import GradientSync
 from cluster.pipeline import Link, StageLinks, StageRun, StepPlan
+from cluster.procstats import process_stats
 from cluster.schedule import forward_actions, stage_actions
 from data.transforms import normalize_batch
 from stages.loss import (local_exchange, sharded_cross_entropy, sharded_target_value, sharded_topk_correct,
@@ -87,7 +90,7 @@ class TowerWorker:
     def __init__(self, config: TrainConfig, rank: int):
         self.config, self.mesh, self.rank = config, config.mesh, rank
         self.coord = self.mesh.coord(rank)
-        self.identity = {"rank": rank, "stage": self.coord.stage, "tower": self.coord.tower}
+        self.identity = {"rank": rank, **dataclasses.asdict(self.coord)}  # replica, stage, tower
         torch.set_num_threads(config.threads_per_worker)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -100,6 +103,8 @@ class TowerWorker:
         self.exchange = local_exchange
         self.exchange_stats = ExchangeStats()
         self.links = StageLinks()
+        self.replica_group = None  # the replicas of this (stage, tower), which average gradients
+        self.sync: GradientSync | None = None
         self.reset(config.seed)
         self.steps_done = 0
         self.failure_step = self._injected_failure_step()
@@ -117,6 +122,17 @@ class TowerWorker:
         self.model.to(self.device, memory_format=self.memory_format)
         self.optimizer = PaperSGD(self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum,
                                   weight_decay=self.config.weight_decay)
+        self._attach_sync()
+
+    def _attach_sync(self) -> None:
+        """Gradient averaging across replicas for this model's parameters (none with one replica)."""
+        if self.sync is not None:
+            self.sync.remove()
+            self.sync = None
+        if self.replica_group is not None:
+            self.sync = GradientSync(self.model.parameters(), self.replica_group, self.mesh.replicas,
+                                     bucket_bytes=int(self.config.bucket_mb * 2**20),
+                                     overlap=self.config.overlap_allreduce)
 
     def _injected_failure_step(self) -> int | None:
         """The step at which this rank must fail, if the environment asks for one (fault tests)."""
@@ -127,6 +143,14 @@ class TowerWorker:
         return step if rank == self.rank else None
 
     # --- process groups, set up like Ray Train's torch backend
+
+    def where(self) -> dict:
+        """This actor's node, address, GPUs and process (the driver's placement table)."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"node_id": context.get_node_id(), "address": ray.util.get_node_ip_address(),
+                "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's answer to "where do we meet": this node's address and a free port on it."""
@@ -160,6 +184,12 @@ class TowerWorker:
             elif self.rank == receiver:
                 self.links.activations_in = Link(activations, sender)
                 self.links.gradients_out = Link(gradients, sender)
+        if self.mesh.replicas > 1:
+            for ranks in self.mesh.replica_groups():
+                group = dist.new_group(ranks, timeout=timeout)
+                if self.rank in ranks:
+                    self.replica_group = group
+            self._attach_sync()
         return backend
 
     def shutdown(self) -> None:
@@ -222,6 +252,8 @@ class TowerWorker:
             self._check_labels(labels)
             targets = labels.to(self.device).split(plan.rows)
         losses, logits = [], []
+        if self.sync is not None:
+            self.sync.start(plan.microbatches)
 
         def forward(i: int, x: Tensor | None) -> Tensor:
             out = self._stage_forward(read_images(i) if x is None else x)
@@ -236,6 +268,10 @@ class TowerWorker:
             return tower_loss(loss, self.mesh.towers) / plan.microbatches
 
         run = self._run(plan, forward)
+        if self.sync is not None:
+            sync_start = time.time()
+            self.sync.finish()
+            run.timeline.add("allreduce", -1, sync_start)
         return run, sum(losses) / plan.microbatches if losses else float("nan"), logits
 
     def train_step(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
@@ -250,13 +286,20 @@ class TowerWorker:
             time.sleep(INJECTED_HANG_S)
         self.exchange_stats.reset()
         set_lr(self.optimizer, plan.lr)
-        run, loss, _ = self._gradients(plan, images, labels, lighting)
+        run, loss, logits = self._gradients(plan, images, labels, lighting)
         optimizer_start = time.time()
         self.optimizer.step()
         run.timeline.add("optimizer", -1, optimizer_start)
-        return {"loss": loss, "images": plan.rows * plan.microbatches, "seconds": time.perf_counter() - start,
-                "exchange_seconds": self.exchange_stats.seconds, "exchange_bytes": self.exchange_stats.bytes_sent,
-                **self.identity, **run.report()}
+        report = {"loss": loss, "images": plan.rows * plan.microbatches, "seconds": time.perf_counter() - start,
+                  "exchange_seconds": self.exchange_stats.seconds, "exchange_bytes": self.exchange_stats.bytes_sent,
+                  **self.identity, **run.report(), **self._sync_report(), **process_stats(self.device)}
+        if self.last_stage:  # the batch's top-1/top-5 hits for progress and metrics (no gradient, no RNG)
+            report["top1"], report["top5"] = sharded_topk_correct(torch.cat(logits), labels.to(self.device),
+                                                                  self.class_offset, self.exchange)
+        return report
+
+    def _sync_report(self) -> dict:
+        return self.sync.report() if self.sync is not None else {"allreduce_exposed_s": 0.0, "allreduce_bytes": 0}
 
     @torch.no_grad()
     def evaluate(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
@@ -314,32 +357,35 @@ class TowerWorker:
     def check_storage(self, run_dir: str, token: str) -> dict:
         """Whether this actor sees the driver's run directory: it must read the driver's token
         there and leave its own file for the driver to read (multi-node runs need storage every
-        node reaches). Answers instead of raising, so the driver can name every actor that fails."""
+        node reaches). `run_dir` is a path or a URI (cluster/storage.py); this process finds the
+        credentials for it itself. Answers instead of raising, so the driver can name every actor
+        that fails."""
         answer = {"rank": self.rank, "host": socket.gethostname(), "ok": False, "detail": ""}
         try:
-            with open(os.path.join(run_dir, STORAGE_CHECK)) as f:
-                seen = f.read()
-            if seen != token:
+            run = storage.open_storage(run_dir)
+            if run.child(STORAGE_CHECK).read_bytes().decode() != token:
                 answer["detail"] = f"found another run's {STORAGE_CHECK} in {run_dir}"
                 return answer
-            with open(os.path.join(run_dir, f"{STORAGE_CHECK}.rank{self.rank}"), "w") as f:
-                f.write(token)
-        except OSError as err:
-            answer["detail"] = f"{type(err).__name__}: {err}"
+            run.child(f"{STORAGE_CHECK}.rank{self.rank}").write_bytes(token.encode())
+        except (OSError, ValueError) as err:  # ValueError: a URI this process's pyarrow cannot open
+            answer["detail"] = storage.error_line(err)
             return answer
         answer["ok"] = True
         return answer
 
     def save(self, directory: str, asynchronous: bool = False) -> dict | None:
-        """Write this rank's shard of a checkpoint atomically (temp file, fsync, rename) and return
-        its manifest entry. `asynchronous`: copy the state now (the only stall) and write it in a
-        thread while training goes on; `finish_save` returns the entry."""
+        """Write this rank's shard of checkpoint `directory` (a path or a URI) atomically
+        (cluster/storage.py) and return its manifest entry. `asynchronous`: copy the state now
+        (the only stall) and write it in a thread while training goes on; `finish_save` returns
+        the entry. Replicas other than 0 write only their coordinates and RNG state: their
+        weights and momentum are replica 0's."""
         self.finish_save()  # one write at a time
-        state = {checkpoint.SHARD_MODEL: self.model.state_dict(),
-                 checkpoint.SHARD_OPTIMIZER: self.optimizer.state_dict(),
-                 checkpoint.SHARD_COORD: [self.coord.replica, self.coord.stage, self.coord.tower],
+        state = {checkpoint.SHARD_COORD: [self.coord.replica, self.coord.stage, self.coord.tower],
                  checkpoint.SHARD_RNG: torch.get_rng_state()}
-        path = os.path.join(directory, checkpoint.shard_file(self.rank))
+        if self.coord.replica == 0:  # the other replicas hold the same weights and momentum
+            state.update({checkpoint.SHARD_MODEL: self.model.state_dict(),
+                          checkpoint.SHARD_OPTIMIZER: self.optimizer.state_dict()})
+        path = storage.join(directory, checkpoint.shard_file(self.rank))
         if not asynchronous:
             return checkpoint.write_shard(path, _on_cpu(state, copy=False))
         self._writing = self._writer.submit(checkpoint.write_shard, path, _on_cpu(state, copy=True))
@@ -362,12 +408,16 @@ class TowerWorker:
                 self.optimizer.state[param]["velocity"] = momentum[name].to(param.device, param.dtype).clone()
 
     def load(self, directory: str) -> None:
-        state = torch.load(os.path.join(directory, checkpoint.shard_file(self.rank)), weights_only=True,
-                           map_location=self.device)
+        state = checkpoint.load_shard(directory, checkpoint.shard_file(self.rank), map_location=self.device)
         coord = [self.coord.replica, self.coord.stage, self.coord.tower]
         if list(state[checkpoint.SHARD_COORD]) != coord:
             raise ValueError(f"shard {checkpoint.shard_file(self.rank)} belongs to (replica, stage, tower) "
                              f"{tuple(state[checkpoint.SHARD_COORD])}, not this rank's {tuple(coord)}")
-        self.model.load_state_dict(state[checkpoint.SHARD_MODEL])
-        self.optimizer.load_state_dict(state[checkpoint.SHARD_OPTIMIZER])
+        if self.coord.replica != 0:  # weights and momentum: replica 0's shard of this (stage, tower)
+            source = self.mesh.rank(dataclasses.replace(self.coord, replica=0))
+            weights = checkpoint.load_shard(directory, checkpoint.shard_file(source), map_location=self.device)
+        else:
+            weights = state
+        self.model.load_state_dict(weights[checkpoint.SHARD_MODEL])
+        self.optimizer.load_state_dict(weights[checkpoint.SHARD_OPTIMIZER])
         torch.set_rng_state(state[checkpoint.SHARD_RNG].cpu())  # the same dropout masks from here on

@@ -1,4 +1,5 @@
-/* data._jpegroi: decode only a region of a JPEG, with the system's libjpeg-turbo.
+/* data._jpegroi: decode only a region of a JPEG, with the system's libjpeg-turbo, and resize it
+ * into a training view (the resampling section below).
  *
  * The training view keeps about 60% of a typical ImageNet photo (the source window of a random
  * 224 crop of the 256 square; data/transforms.py). This module decodes just that window, as
@@ -37,7 +38,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
 #include <setjmp.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -229,6 +232,483 @@ static int run_decode(Job *job) {
   return 0;
 }
 
+/* ---------------------------------------------------------------- resampling
+ *
+ * The training view's resize (data/transforms.py, TrainTransform): an h x w window of RGB
+ * pixels is resized by scale_factor sf with an antialiased bilinear (triangle) filter, and the
+ * crop x crop patch at (dy, dx) of the result is written, mirrored left-right when flip, as
+ * planar (3, crop, crop) uint8: the batch's layout. Only the patch is computed: its columns
+ * for the rows its rows need, then its rows.
+ *
+ * The arithmetic is that of torch's uint8 kernel for F.interpolate(mode="bilinear",
+ * antialias=True, align_corners=False, scale_factor=sf, recompute_scale_factor=False) (ATen's
+ * UpSampleKernel, after Pillow-SIMD), step for step, so the pixels are the same bit for bit
+ * (tests/test_jpegroi.py checks it against torch):
+ *   - the output size is trunc(in * sf); an axis whose output size equals its input size is
+ *     copied, not filtered (torch skips it);
+ *   - along an axis, with scale = 1 / sf and support = max(scale, 1), output pixel i takes
+ *     input pixels [trunc(c - support + 0.5), trunc(c + support + 0.5)) (clipped to the
+ *     image), c = scale * (i + 0.5), weighted max(0, 1 - |j - c + 0.5| / max(scale, 1)) and
+ *     normalised to sum 1, in double precision;
+ *   - the weights become int16 with `precision` fraction bits, the most that keeps twice the
+ *     axis' largest weight below 2^15, rounded half away from zero;
+ *   - the horizontal pass runs first and rounds to uint8 (add 2^(precision-1), shift right,
+ *     clamp to 0..255), then the vertical pass the same way.
+ * Integer sums are exact, so the order of the additions (SIMD or not) does not matter.
+ */
+
+#define RESAMPLE_PAD 16 /* bytes readable past a row's last pixel that the SIMD kernels load */
+
+typedef struct {
+  long count;         /* output pixels wanted (crop) */
+  int taps;           /* weights per output pixel, zero-padded to a common count */
+  unsigned precision; /* fraction bits of the weights */
+  long *start;        /* (count) first input pixel of each output, start + taps <= in */
+  int16_t *weights;   /* (count, taps) */
+} Axis;
+
+static double triangle(double x) {
+  if (x < 0.0) x = -x;
+  return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+static void axis_free(Axis *a) {
+  free(a->start);
+  free(a->weights);
+  a->start = NULL;
+  a->weights = NULL;
+}
+
+/* The weights of outputs first..first+count-1 of an axis of `in` input and `out` output pixels
+ * (see above), taps padded up to a multiple of `multiple` (at most `in`); 0, or -1 when out of
+ * memory. Every output's weights are computed: the precision depends on the largest of all. */
+static int axis_init(Axis *a, long in, long out, double sf, long first, long count, int multiple) {
+  const double scale = 1.0 / sf; /* torch: area_pixel_compute_scale(..., scale_factor) */
+  const double support = scale >= 1.0 ? scale : 1.0;
+  const double invscale = scale >= 1.0 ? 1.0 / scale : 1.0;
+  const long max_size = (long)ceil(support) * 2 + 1;
+  memset(a, 0, sizeof(*a));
+  double *w = malloc(sizeof(double) * (size_t)(max_size * (count + 1)));
+  long *lo = malloc(sizeof(long) * (size_t)count), *size = malloc(sizeof(long) * (size_t)count);
+  if (w == NULL || lo == NULL || size == NULL) goto fail;
+  double wt_max = 0.0;
+  long most = 1;
+  for (long i = 0; i < out; i++) {
+    const int wanted = i >= first && i < first + count;
+    double *wi = wanted ? w + (i - first) * max_size : w + count * max_size; /* else scratch */
+    const double center = scale * ((double)i + 0.5);
+    long xmin = (long)(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    long xmax = (long)(center + support + 0.5);
+    if (xmax > in) xmax = in;
+    long xsize = xmax - xmin;
+    if (xsize < 0) xsize = 0;
+    if (xsize > max_size) xsize = max_size;
+    double total = 0.0;
+    for (long j = 0; j < xsize; j++) {
+      wi[j] = triangle(((double)(j + xmin) - center + 0.5) * invscale);
+      total += wi[j];
+    }
+    if (total != 0.0) {
+      for (long j = 0; j < xsize; j++) {
+        wi[j] /= total;
+        if (wi[j] > wt_max) wt_max = wi[j];
+      }
+    }
+    if (wanted) {
+      lo[i - first] = xmin;
+      size[i - first] = xsize;
+      if (xsize > most) most = xsize;
+    }
+  }
+  unsigned precision;
+  for (precision = 0; precision < 22; ++precision) {
+    int next = (int)(0.5 + wt_max * (1 << (precision + 1)));
+    if (next >= (1 << 15)) break;
+  }
+  long taps = (most + multiple - 1) / multiple * multiple;
+  if (taps > in) taps = in;
+  a->count = count;
+  a->taps = (int)taps;
+  a->precision = precision;
+  a->start = malloc(sizeof(long) * (size_t)count);
+  a->weights = calloc((size_t)(count * taps), sizeof(int16_t));
+  if (a->start == NULL || a->weights == NULL) goto fail;
+  for (long i = 0; i < count; i++) {
+    long start = lo[i] < in - taps ? lo[i] : in - taps; /* keep start + taps <= in */
+    a->start[i] = start;
+    for (long j = 0; j < size[i]; j++) {
+      double v = w[i * max_size + j] * (1 << precision);
+      a->weights[i * taps + lo[i] - start + j] =
+          (int16_t)(v < 0 ? (int)(-0.5 + v) : (int)(0.5 + v));
+    }
+  }
+  free(w);
+  free(lo);
+  free(size);
+  return 0;
+fail:
+  free(w);
+  free(lo);
+  free(size);
+  axis_free(a);
+  return -1;
+}
+
+static inline uint8_t clip8(int32_t v, unsigned precision) {
+  v >>= precision;
+  return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+}
+
+static inline int32_t rounding(unsigned precision) {
+  return precision > 0 ? 1 << (precision - 1) : 0;
+}
+
+/* One row, horizontal pass: output pixel j (mirrored: count-1-j) of `dst` from `src` (RGB). */
+static void horizontal_row(const uint8_t *src, uint8_t *dst, const Axis *a, int flip) {
+  const int32_t init = rounding(a->precision);
+  for (long j = 0; j < a->count; j++) {
+    const uint8_t *p = src + a->start[j] * 3;
+    const int16_t *k = a->weights + j * a->taps;
+    int32_t r = init, g = init, b = init;
+    for (int t = 0; t < a->taps; t++) {
+      r += k[t] * p[3 * t];
+      g += k[t] * p[3 * t + 1];
+      b += k[t] * p[3 * t + 2];
+    }
+    uint8_t *o = dst + 3 * (flip ? a->count - 1 - j : j);
+    o[0] = clip8(r, a->precision);
+    o[1] = clip8(g, a->precision);
+    o[2] = clip8(b, a->precision);
+  }
+}
+
+/* One output row, vertical pass, into `dst` (n bytes): rows[t] + from are the taps' input rows. */
+static void vertical_row(const uint8_t *const *rows, const int16_t *k, int taps, unsigned precision,
+                         long n, uint8_t *dst, long from) {
+  const int32_t init = rounding(precision);
+  for (long b = 0; b < n; b++) {
+    int32_t v = init;
+    for (int t = 0; t < taps; t++) v += k[t] * rows[t][from + b];
+    dst[b] = clip8(v, precision);
+  }
+}
+
+/* An RGB row of n pixels into three planes. */
+static void split_row(const uint8_t *src, long n, uint8_t *r, uint8_t *g, uint8_t *b) {
+  for (long x = 0; x < n; x++) {
+    r[x] = src[3 * x];
+    g[x] = src[3 * x + 1];
+    b[x] = src[3 * x + 2];
+  }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RESAMPLE_AVX2 1
+#include <immintrin.h>
+
+/* The horizontal weights in the form the AVX2 kernels take, in output order (mirrored when
+ * flip): output n starts `offset[n]` bytes into its row and has `groups` x 4 taps, stored as
+ * two int16 vectors per 4 taps, (w0 w1 w0 w1 w0 w1 0 0) and (w2 w3 w2 w3 w2 w3 0 0), which
+ * multiply-add the (r g b) of two pixels (see `pair01`, `pair23`). */
+typedef struct {
+  long count;
+  int groups;
+  unsigned precision;
+  long *offset;
+  int16_t *wide;
+} WideAxis;
+
+static void wide_free(WideAxis *h) {
+  free(h->offset);
+  free(h->wide);
+  h->offset = NULL;
+  h->wide = NULL;
+}
+
+static int wide_init(WideAxis *h, const Axis *a, int flip) {
+  h->count = a->count;
+  h->groups = a->taps / 4;
+  h->precision = a->precision;
+  h->offset = malloc(sizeof(long) * (size_t)a->count);
+  h->wide = calloc((size_t)(a->count * h->groups * 16), sizeof(int16_t));
+  if (h->offset == NULL || h->wide == NULL) {
+    wide_free(h);
+    return -1;
+  }
+  for (long n = 0; n < a->count; n++) {
+    const long j = flip ? a->count - 1 - n : n;
+    h->offset[n] = a->start[j] * 3;
+    for (int t = 0; t < a->taps; t++) {
+      int16_t *v = h->wide + (n * h->groups + t / 4) * 16 + (t % 4 >= 2 ? 8 : 0);
+      for (int c = 0; c < 3; c++) v[2 * c + t % 2] = a->weights[j * a->taps + t];
+    }
+  }
+  return 0;
+}
+
+/* The shuffles that turn 16 bytes of RGB pixels p0 p1 p2 p3 (p4 p5) into int16 pairs
+ * (r0 r1 g0 g1 b0 b1 0 0) and (r2 r3 g2 g3 b2 b3 0 0). */
+#define PAIR01 0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1
+#define PAIR23 6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1
+
+/* horizontal_row with SSSE3 shuffles and multiply-adds, one row: src must stay readable
+ * RESAMPLE_PAD bytes past the last tap, dst 1 byte past its last pixel (each 4-byte store
+ * spills one byte into the next pixel, written next). */
+__attribute__((target("avx2"))) static void horizontal_row_avx2(const uint8_t *src, uint8_t *dst,
+                                                                const WideAxis *h) {
+  const __m128i pair01 = _mm_setr_epi8(PAIR01), pair23 = _mm_setr_epi8(PAIR23);
+  const __m128i init = _mm_set1_epi32(rounding(h->precision));
+  const __m128i shift = _mm_cvtsi32_si128((int)h->precision);
+  const int16_t *k = h->wide;
+  for (long n = 0; n < h->count; n++) {
+    const uint8_t *p = src + h->offset[n];
+    __m128i acc = init;
+    for (int g = 0; g < h->groups; g++, p += 12, k += 16) {
+      const __m128i pixels = _mm_loadu_si128((const __m128i *)p);
+      const __m128i w01 = _mm_loadu_si128((const __m128i *)k);
+      const __m128i w23 = _mm_loadu_si128((const __m128i *)(k + 8));
+      acc = _mm_add_epi32(acc, _mm_madd_epi16(_mm_shuffle_epi8(pixels, pair01), w01));
+      acc = _mm_add_epi32(acc, _mm_madd_epi16(_mm_shuffle_epi8(pixels, pair23), w23));
+    }
+    acc = _mm_sra_epi32(acc, shift);
+    acc = _mm_packus_epi16(_mm_packs_epi32(acc, acc), acc);
+    const int32_t rgbx = _mm_cvtsi128_si32(acc);
+    memcpy(dst + 3 * n, &rgbx, 4);
+  }
+}
+
+/* Two rows per AVX2 register (one per 128-bit lane): their (r g b) sums for output pixel k. */
+__attribute__((target("avx2"), always_inline)) static inline __m256i
+two_rows(const uint8_t *a, const uint8_t *b, const int16_t *k, int groups, __m256i acc) {
+  const __m256i pair01 = _mm256_broadcastsi128_si256(_mm_setr_epi8(PAIR01));
+  const __m256i pair23 = _mm256_broadcastsi128_si256(_mm_setr_epi8(PAIR23));
+  for (int g = 0; g < groups; g++, a += 12, b += 12, k += 16) {
+    const __m256i pixels =
+        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
+                                _mm_loadu_si128((const __m128i *)b), 1);
+    const __m256i w01 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)k));
+    const __m256i w23 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(k + 8)));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_shuffle_epi8(pixels, pair01), w01));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_shuffle_epi8(pixels, pair23), w23));
+  }
+  return acc;
+}
+
+/* horizontal_row_avx2 for four rows at once (src + i * stride into dst + i * dst_stride), each
+ * output's weights loaded once for the four; `groups` is a constant where it is inlined. */
+__attribute__((target("avx2"), always_inline)) static inline void
+four_rows(const uint8_t *src, Py_ssize_t stride, uint8_t *dst, Py_ssize_t dst_stride,
+          const WideAxis *h, int groups) {
+  const __m256i init = _mm256_set1_epi32(rounding(h->precision));
+  const __m128i shift = _mm_cvtsi32_si128((int)h->precision);
+  const uint8_t *s1 = src + stride, *s2 = src + 2 * stride, *s3 = src + 3 * stride;
+  uint8_t *d1 = dst + dst_stride, *d2 = dst + 2 * dst_stride, *d3 = dst + 3 * dst_stride;
+  const long count = h->count;
+  const long *offset = h->offset;
+  const int16_t *k = h->wide;
+  for (long n = 0; n < count; n++, k += 16 * groups) {
+    const long at = offset[n];
+    __m256i acc01 = two_rows(src + at, s1 + at, k, groups, init);
+    __m256i acc23 = two_rows(s2 + at, s3 + at, k, groups, init);
+    acc01 = _mm256_sra_epi32(acc01, shift);
+    acc23 = _mm256_sra_epi32(acc23, shift);
+    /* rows 0 and 2 in the low lane, 1 and 3 in the high lane: 4 bytes (r g b 0) each */
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(acc01, acc23), init);
+    const __m128i lo = _mm256_castsi256_si128(bytes), hi = _mm256_extracti128_si256(bytes, 1);
+    int32_t v = _mm_cvtsi128_si32(lo);
+    memcpy(dst + 3 * n, &v, 4);
+    v = _mm_extract_epi32(lo, 1);
+    memcpy(d2 + 3 * n, &v, 4);
+    v = _mm_cvtsi128_si32(hi);
+    memcpy(d1 + 3 * n, &v, 4);
+    v = _mm_extract_epi32(hi, 1);
+    memcpy(d3 + 3 * n, &v, 4);
+  }
+}
+
+__attribute__((target("avx2"))) static void
+horizontal_4rows_avx2(const uint8_t *src, Py_ssize_t stride, uint8_t *dst, Py_ssize_t dst_stride,
+                      const WideAxis *h) {
+  switch (h->groups) { /* up to 4 taps (downscales below 2x), 8 (below 4x): unrolled */
+    case 1: four_rows(src, stride, dst, dst_stride, h, 1); break;
+    case 2: four_rows(src, stride, dst, dst_stride, h, 2); break;
+    default: four_rows(src, stride, dst, dst_stride, h, h->groups); break;
+  }
+}
+
+#define VERTICAL_PAIRS_AVX2 8 /* the AVX2 vertical kernel takes up to 2 x this taps */
+
+/* vertical_row, 16 bytes at a time with AVX2 (the tail in C): two taps per multiply-add, their
+ * rows' bytes interleaved as int16 pairs; `pairs` is a constant where it is inlined. */
+__attribute__((target("avx2"), always_inline)) static inline void
+vertical_pairs(const uint8_t *const *rows, const int16_t *k, int pairs, unsigned precision, long n,
+               uint8_t *dst) {
+  const __m256i init = _mm256_set1_epi32(rounding(precision));
+  const __m128i shift = _mm_cvtsi32_si128((int)precision);
+  __m256i w[VERTICAL_PAIRS_AVX2];
+  const uint8_t *r[2 * VERTICAL_PAIRS_AVX2];
+  for (int t = 0; t < pairs; t++) {
+    const uint32_t pair = (uint32_t)(uint16_t)k[2 * t] | (uint32_t)(uint16_t)k[2 * t + 1] << 16;
+    w[t] = _mm256_set1_epi32((int32_t)pair);
+    r[2 * t] = rows[2 * t];
+    r[2 * t + 1] = rows[2 * t + 1];
+  }
+  long b = 0;
+  for (; b + 16 <= n; b += 16) {
+    __m256i lo = init, hi = init;
+    for (int t = 0; t < pairs; t++) {
+      const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(r[2 * t] + b)));
+      const __m256i y = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(r[2 * t + 1] + b)));
+      lo = _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_unpacklo_epi16(x, y), w[t]));
+      hi = _mm256_add_epi32(hi, _mm256_madd_epi16(_mm256_unpackhi_epi16(x, y), w[t]));
+    }
+    lo = _mm256_sra_epi32(lo, shift);
+    hi = _mm256_sra_epi32(hi, shift);
+    const __m256i words = _mm256_packs_epi32(lo, hi);      /* per lane: 8 outputs in order */
+    __m256i bytes = _mm256_packus_epi16(words, words);     /* lane 0: 0..7, lane 1: 8..15 */
+    bytes = _mm256_permute4x64_epi64(bytes, _MM_SHUFFLE(3, 1, 2, 0));
+    _mm_storeu_si128((__m128i *)(dst + b), _mm256_castsi256_si128(bytes));
+  }
+  if (b < n) vertical_row(rows, k, 2 * pairs, precision, n - b, dst + b, b);
+}
+
+__attribute__((target("avx2"))) static void vertical_row_avx2(const uint8_t *const *rows,
+                                                              const int16_t *k, int taps,
+                                                              unsigned precision, long n,
+                                                              uint8_t *dst) {
+  switch (taps / 2) { /* 2 taps (upscales), 4 (downscales below 1.5x), 6 (below 2.5x): unrolled */
+    case 1: vertical_pairs(rows, k, 1, precision, n, dst); break;
+    case 2: vertical_pairs(rows, k, 2, precision, n, dst); break;
+    case 3: vertical_pairs(rows, k, 3, precision, n, dst); break;
+    default: vertical_pairs(rows, k, taps / 2, precision, n, dst); break;
+  }
+}
+
+/* split_row, 16 pixels at a time with SSSE3 shuffles. */
+__attribute__((target("avx2"))) static void split_row_avx2(const uint8_t *src, long n, uint8_t *r,
+                                                           uint8_t *g, uint8_t *b) {
+  const __m128i ra = _mm_setr_epi8(0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i rb = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14, -1, -1, -1, -1, -1);
+  const __m128i rc = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 4, 7, 10, 13);
+  const __m128i ga = _mm_setr_epi8(1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i gb = _mm_setr_epi8(-1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1);
+  const __m128i gc = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14);
+  const __m128i ba = _mm_setr_epi8(2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i bb = _mm_setr_epi8(-1, -1, -1, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1);
+  const __m128i bc = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15);
+  long x = 0;
+  for (; x + 16 <= n; x += 16) {
+    const __m128i a = _mm_loadu_si128((const __m128i *)(src + 3 * x));
+    const __m128i m = _mm_loadu_si128((const __m128i *)(src + 3 * x + 16));
+    const __m128i c = _mm_loadu_si128((const __m128i *)(src + 3 * x + 32));
+    const __m128i red = _mm_or_si128(_mm_shuffle_epi8(a, ra), _mm_shuffle_epi8(m, rb));
+    const __m128i green = _mm_or_si128(_mm_shuffle_epi8(a, ga), _mm_shuffle_epi8(m, gb));
+    const __m128i blue = _mm_or_si128(_mm_shuffle_epi8(a, ba), _mm_shuffle_epi8(m, bb));
+    _mm_storeu_si128((__m128i *)(r + x), _mm_or_si128(red, _mm_shuffle_epi8(c, rc)));
+    _mm_storeu_si128((__m128i *)(g + x), _mm_or_si128(green, _mm_shuffle_epi8(c, gc)));
+    _mm_storeu_si128((__m128i *)(b + x), _mm_or_si128(blue, _mm_shuffle_epi8(c, bc)));
+  }
+  split_row(src + 3 * x, n - x, r + x, g + x, b + x);
+}
+#endif
+
+static int use_simd = 0; /* set at import: the CPU has AVX2 (and tests may turn it off) */
+
+/* The (3, crop, crop) patch of an h x w RGB window (row stride `stride` bytes; `end` is the
+ * first byte past the source buffer) resized by sf, at (dy, dx) of the resized grid, mirrored
+ * when flip, into `out`. 0, or -1 when out of memory. No Python calls: run it without the GIL.
+ * The caller checks that 0 <= dy, dx and dy + crop, dx + crop <= trunc(h * sf), trunc(w * sf). */
+static int resample_patch(const uint8_t *src, Py_ssize_t stride, const uint8_t *end, long h, long w,
+                          double sf, long dy, long dx, long crop, int flip, uint8_t *out) {
+  const long out_h = (long)((double)h * sf), out_w = (long)((double)w * sf);
+  const int need_h = out_w != w, need_v = out_h != h;
+  Axis ax = {0}, ay = {0};
+#ifdef RESAMPLE_AVX2
+  WideAxis wide = {0};
+#endif
+  uint8_t *tmp = NULL, *line = NULL;
+  const uint8_t **rows = NULL;
+  int status = -1;
+  if (need_h && axis_init(&ax, w, out_w, sf, dx, crop, 4) != 0) goto done;
+  if (need_v && axis_init(&ay, h, out_h, sf, dy, crop, 2) != 0) goto done;
+  /* the window rows the patch needs */
+  long y_lo = dy, y_hi = dy + crop;
+  if (need_v) {
+    y_lo = ay.start[0];
+    y_hi = ay.start[crop - 1] + ay.taps;
+  }
+  const Py_ssize_t tmp_stride = crop * 3 + RESAMPLE_PAD;
+  tmp = malloc((size_t)((y_hi - y_lo) * tmp_stride));
+  line = malloc((size_t)tmp_stride);
+  rows = malloc(sizeof(uint8_t *) * (size_t)(need_v ? ay.taps : 1));
+  if (tmp == NULL || line == NULL || rows == NULL) goto done;
+#ifdef RESAMPLE_AVX2
+  const int simd = use_simd;
+  const int simd_h = simd && need_h && ax.taps % 4 == 0;
+  const int simd_v = simd && need_v && ay.taps % 2 == 0 && ay.taps <= 2 * VERTICAL_PAIRS_AVX2;
+  if (simd_h && wide_init(&wide, &ax, flip) != 0) goto done;
+#endif
+  /* horizontal pass (or the crop's columns), rows y_lo..y_hi-1 */
+  long y = y_lo;
+#ifdef RESAMPLE_AVX2
+  if (simd_h) /* four rows at a time while the kernel's loads stay inside the buffer */
+    for (; y + 4 <= y_hi && src + (y + 3) * stride + 3 * w + RESAMPLE_PAD <= end; y += 4)
+      horizontal_4rows_avx2(src + y * stride, stride, tmp + (y - y_lo) * tmp_stride, tmp_stride,
+                            &wide);
+#endif
+  for (; y < y_hi; y++) {
+    const uint8_t *row = src + y * stride;
+    uint8_t *dst = tmp + (y - y_lo) * tmp_stride;
+    if (!need_h) {
+      for (long n = 0; n < crop; n++)
+        memcpy(dst + 3 * n, row + 3 * (dx + (flip ? crop - 1 - n : n)), 3);
+    }
+#ifdef RESAMPLE_AVX2
+    else if (simd_h && row + 3 * w + RESAMPLE_PAD <= end)
+      horizontal_row_avx2(row, dst, &wide);
+#endif
+    else
+      horizontal_row(row, dst, &ax, flip);
+  }
+  /* vertical pass (or the crop's rows), then into the three planes */
+  const long plane = crop * crop;
+  for (long i = 0; i < crop; i++) {
+    const uint8_t *rgb;
+    if (need_v) {
+      for (int t = 0; t < ay.taps; t++) rows[t] = tmp + (ay.start[i] + t - y_lo) * tmp_stride;
+      const int16_t *k = ay.weights + i * ay.taps;
+#ifdef RESAMPLE_AVX2
+      if (simd_v)
+        vertical_row_avx2(rows, k, ay.taps, ay.precision, crop * 3, line);
+      else
+#endif
+        vertical_row(rows, k, ay.taps, ay.precision, crop * 3, line, 0);
+      rgb = line;
+    } else {
+      rgb = tmp + (dy + i - y_lo) * tmp_stride;
+    }
+    uint8_t *r = out + i * crop;
+#ifdef RESAMPLE_AVX2
+    if (simd)
+      split_row_avx2(rgb, crop, r, r + plane, r + 2 * plane);
+    else
+#endif
+      split_row(rgb, crop, r, r + plane, r + 2 * plane);
+  }
+  status = 0;
+done:
+  axis_free(&ax);
+  axis_free(&ay);
+#ifdef RESAMPLE_AVX2
+  wide_free(&wide);
+#endif
+  free(tmp);
+  free(line);
+  free(rows);
+  return status;
+}
+
 static int check_arg(const char *name, long value, long minimum) {
   if (value < minimum) {
     PyErr_Format(PyExc_ValueError, "%s must be >= %ld, got %ld", name, minimum, value);
@@ -298,6 +778,163 @@ done:
   return result;
 }
 
+/* Check a patch request (see resample_patch); 0, or -1 with ValueError set. */
+static int check_patch(long height, long width, double sf, long dy, long dx, long crop,
+                       Py_ssize_t out_len) {
+  if (check_arg("height", height, 1) || check_arg("width", width, 1) ||
+      check_arg("crop", crop, 1) || check_arg("dy", dy, 0) || check_arg("dx", dx, 0))
+    return -1;
+  if (!(sf > 0.0 && (double)height * sf < 1e9 && (double)width * sf < 1e9)) {
+    char text[64];
+    snprintf(text, sizeof(text), "%g", sf);
+    PyErr_Format(PyExc_ValueError, "scale_factor must be > 0 and keep the sizes sane, got %s",
+                 text);
+    return -1;
+  }
+  const long out_h = (long)((double)height * sf), out_w = (long)((double)width * sf);
+  if (dy > out_h - crop || dx > out_w - crop) {
+    PyErr_Format(PyExc_ValueError,
+                 "patch rows %ld..%ld, columns %ld..%ld is not inside the %ldx%ld resized window",
+                 dy, dy + crop, dx, dx + crop, out_h, out_w);
+    return -1;
+  }
+  if (out_len != 3 * crop * crop) {
+    PyErr_Format(PyExc_ValueError, "out must hold 3 x %ld x %ld bytes, got %zd", crop, crop,
+                 out_len);
+    return -1;
+  }
+  return 0;
+}
+
+PyDoc_STRVAR(resample_doc,
+"resample(pixels, stride, top, left, height, width, scale_factor, dy, dx, crop, flip, out)\n"
+"\n"
+"Resize the height x width window at (top, left) of an RGB image (uint8 rows of `stride`\n"
+"bytes in the buffer `pixels`) by scale_factor, as torch.nn.functional.interpolate(...,\n"
+"mode='bilinear', antialias=True, scale_factor=scale_factor, recompute_scale_factor=False)\n"
+"does on uint8, bit for bit, and write the crop x crop patch at (dy, dx) of the result, mirrored\n"
+"left-right when flip, into the writable buffer `out` as planar (3, crop, crop) uint8.\n"
+"Releases the GIL.");
+
+static PyObject *resample_py(PyObject *self, PyObject *args, PyObject *kwargs) {
+  static char *keywords[] = {"pixels", "stride", "top", "left", "height", "width", "scale_factor",
+                             "dy", "dx", "crop", "flip", "out", NULL};
+  Py_buffer src, out;
+  Py_ssize_t stride;
+  long top, left, height, width, dy, dx, crop;
+  double sf;
+  int flip;
+  (void)self;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nlllldlllpw*:resample", keywords, &src, &stride,
+                                   &top, &left, &height, &width, &sf, &dy, &dx, &crop, &flip, &out))
+    return NULL;
+  PyObject *result = NULL;
+  if (check_patch(height, width, sf, dy, dx, crop, out.len) || check_arg("top", top, 0) ||
+      check_arg("left", left, 0))
+    goto done;
+  /* written so as not to overflow: the last row's window ends inside the buffer */
+  if ((left + width) * 3 > stride || (left + width) * 3 > src.len ||
+      top + height - 1 > (src.len - (left + width) * 3) / stride) {
+    PyErr_Format(PyExc_ValueError,
+                 "window rows %ld..%ld, columns %ld..%ld is not inside the %zd bytes of pixels "
+                 "with rows of %zd bytes",
+                 top, top + height, left, left + width, src.len, stride);
+    goto done;
+  }
+  const uint8_t *origin = (const uint8_t *)src.buf + top * stride + left * 3;
+  int status;
+  Py_BEGIN_ALLOW_THREADS
+  status = resample_patch(origin, stride, (const uint8_t *)src.buf + src.len, height, width, sf, dy,
+                          dx, crop, flip, (uint8_t *)out.buf);
+  Py_END_ALLOW_THREADS
+  if (status != 0)
+    PyErr_NoMemory();
+  else
+    result = Py_NewRef(Py_None);
+done:
+  PyBuffer_Release(&src);
+  PyBuffer_Release(&out);
+  return result;
+}
+
+PyDoc_STRVAR(decode_view_doc,
+"decode_view(data, top, left, height, width, scale_factor, dy, dx, crop, flip, out)\n"
+"\n"
+"decode_region(data, top, left, height, width), then resample(...) of that window into `out`,\n"
+"all without the GIL and without handing the window to Python: the training view of a JPEG.\n"
+"Raises ValueError as decode_region and resample do.");
+
+static PyObject *decode_view(PyObject *self, PyObject *args, PyObject *kwargs) {
+  static char *keywords[] = {"data", "top", "left", "height", "width", "scale_factor", "dy", "dx",
+                             "crop", "flip", "out", NULL};
+  Py_buffer data, out;
+  long top, left, height, width, dy, dx, crop;
+  double sf;
+  int flip;
+  (void)self;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*lllldlllpw*:decode_view", keywords, &data, &top,
+                                   &left, &height, &width, &sf, &dy, &dx, &crop, &flip, &out))
+    return NULL;
+  PyObject *result = NULL;
+  Job *job = NULL;
+  if (check_arg("top", top, 0) || check_arg("left", left, 0) ||
+      check_patch(height, width, sf, dy, dx, crop, out.len))
+    goto done;
+  job = PyMem_RawMalloc(sizeof(Job));
+  if (job == NULL) {
+    PyErr_NoMemory();
+    goto done;
+  }
+  job_init(job, &data);
+  job->top = top;
+  job->left = left;
+  job->height = height;
+  job->width = width;
+  int status = check_region(job);
+  if (status == 0) {
+    job->pixels = malloc((size_t)(job->capacity + RESAMPLE_PAD));
+    if (job->pixels == NULL) {
+      PyErr_NoMemory();
+      goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = run_decode(job);
+    job_free(job);
+    if (status == 0) {
+      const Py_ssize_t stride = (Py_ssize_t)job->out_width * 3;
+      const uint8_t *origin = job->pixels + (left - (long)job->x_offset) * 3;
+      status = resample_patch(origin, stride, job->pixels + job->capacity + RESAMPLE_PAD, height,
+                              width, sf, dy, dx, crop, flip, (uint8_t *)out.buf);
+      if (status != 0) snprintf(job->problem, sizeof(job->problem), "out of memory");
+    }
+    Py_END_ALLOW_THREADS
+  }
+  if (status != 0)
+    PyErr_Format(PyExc_ValueError, "cannot decode JPEG region: %s", job->problem);
+  else
+    result = Py_NewRef(Py_None);
+done:
+  if (job != NULL) {
+    job_free(job);
+    free(job->pixels);
+    PyMem_RawFree(job);
+  }
+  PyBuffer_Release(&data);
+  PyBuffer_Release(&out);
+  return result;
+}
+
+static PyObject *set_simd(PyObject *self, PyObject *arg) {
+  (void)self;
+  int want = PyObject_IsTrue(arg);
+  if (want < 0) return NULL;
+  PyObject *was = PyBool_FromLong(use_simd);
+#ifdef RESAMPLE_AVX2
+  use_simd = want && __builtin_cpu_supports("avx2");
+#endif
+  return was;
+}
+
 PyDoc_STRVAR(read_header_doc,
 "read_header(data) -> (height, width, colorspace, progressive)\n"
 "\n"
@@ -337,6 +974,12 @@ static PyMethodDef methods[] = {
     {"decode_region", (PyCFunction)(void (*)(void))decode_region, METH_VARARGS | METH_KEYWORDS,
      decode_region_doc},
     {"read_header", read_header_py, METH_VARARGS, read_header_doc},
+    {"resample", (PyCFunction)(void (*)(void))resample_py, METH_VARARGS | METH_KEYWORDS,
+     resample_doc},
+    {"decode_view", (PyCFunction)(void (*)(void))decode_view, METH_VARARGS | METH_KEYWORDS,
+     decode_view_doc},
+    {"_set_simd", set_simd, METH_O,
+     "_set_simd(flag) -> previous: use the AVX2 kernels (where the CPU has them) or plain C"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -344,12 +987,16 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "data._jpegroi",
     .m_doc = "Region-of-interest JPEG decoding with libjpeg-turbo (jpeg_crop_scanline, "
-             "jpeg_skip_scanlines); see data/_jpegroi.c.",
+             "jpeg_skip_scanlines), and torch's antialiased bilinear uint8 resize of a window "
+             "into a training view; see data/_jpegroi.c.",
     .m_size = -1,
     .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__jpegroi(void) {
+#ifdef RESAMPLE_AVX2
+  use_simd = __builtin_cpu_supports("avx2");
+#endif
   PyObject *m = PyModule_Create(&module);
   if (m == NULL) return NULL;
   if (PyModule_AddIntConstant(m, "MARGIN_COLS", MARGIN_COLS) ||

@@ -2,25 +2,36 @@
 
 Design
 ------
-**Index.** At construction every shard's tar headers are scanned once (``tarfile``, no image is
-read or decoded; the tiny ``cls`` members are read). Each complete sample, a key with an image
-member (``jpg``/``jpeg``) and a valid label, becomes one index entry: its shard, the byte offset
-and size of its image member, and its label; ``index`` below is a sample's position in this
-index (shard order, then member order). Structural problems are excluded here and counted by
-reason in :attr:`ShardBatches.read_stats` (an :class:`IndexStats`, a :class:`ReadStats`):
+**Index.** Each complete sample, a key with an image member (``jpg``/``jpeg``) and a valid
+label, becomes one index entry: its shard, the byte offset and size of its image member, and its
+label; ``index`` below is a sample's position in this index (shard order, then member order).
+Where it comes from (:attr:`ShardBatches.index_source`):
+
+- ``"manifest"``: the shards were written by ``data.convert``, whose ``manifest.json`` beside
+  them lists every shard's sample count, size and sha256. When it lists every shard of the
+  pattern with its current size, N and each shard's share of the index come from it and no tar
+  is opened at construction. A shard's entries are read from its tar headers when one of its
+  samples is first decoded, and must match the manifest's count (else :class:`DataError`: the
+  manifest is stale). A manifest that does not match (a shard it does not list, another size)
+  is reported in one warning line and the shards are scanned instead.
+- ``"scan"`` (no converter manifest): every shard's tar headers are scanned at construction
+  (``tarfile``; no image is read or decoded, the tiny ``cls`` members are read), ``num_threads``
+  shards at a time. Cheap for the demo; ImageNet's 2.6M members take a while per process.
+
+Structural problems are excluded by the scan and counted by reason in
+:attr:`ShardBatches.read_stats` (an :class:`IndexStats`, a :class:`ReadStats`):
 
 - ``broken tar``: a corrupt or truncated tar; the rest of that shard, including a sample it cut
   short, is skipped and counted once;
 - ``missing jpg``, ``missing cls``;
 - ``cls not an integer`` (not ASCII decimal >= 0);
-- ``label out of range`` (``cls >= num_classes``, when ``num_classes`` is given).
+- ``label out of range`` (``cls >= num_classes``, when ``num_classes`` is given; a manifest
+  whose classes do not all fit is not used, so that the scan counts them).
 
-Each reason is logged once per shard, naming the shard and the first such key. Every replica scans
-the same files, so all agree on the index and on ``num_samples`` (N); :attr:`fingerprint` (a
-hash of shard names and the index) lets a caller check that across processes. The scan reads
-two tar headers per sample: cheap for the demo, but ImageNet's 2.6M members take a while per
-process (more on a network file system); ``num_threads`` threads scan shards in parallel.
-Nothing is cached on disk.
+Each reason is logged once per shard, naming the shard and the first such key. Every replica
+reads the same files, so all agree on the index and on ``num_samples`` (N); :attr:`fingerprint`
+(a hash of the shard names and the index, or of the manifest's names, counts and sha256) lets a
+caller check that across processes. Nothing is cached on disk.
 
 **Epoch order.** Training visits a permutation of ``range(N)`` drawn from ``(seed, epoch)``;
 evaluation visits ``range(N)`` in index order. Replica ``r`` of ``R`` takes positions
@@ -81,6 +92,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -92,14 +104,9 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from data.shards import (
-    _IMAGE_SUFFIXES,
-    label_problem,
-    ReadStats,
-    _only_zeros_after,
-    _split_member_name,
-    expand_shards,
-)
+from data.convert import FORMAT as _MANIFEST_FORMAT
+from data.convert import MANIFEST as _MANIFEST
+from data.shards import _IMAGE_SUFFIXES, ReadStats, TarSamples, expand_shards, label_problem
 from data.transforms import (
     LIGHTING_VARIANTS,
     EvalTransform,
@@ -184,43 +191,30 @@ def scan_shard(
     reasons in the module docstring.
     """
     entries: list[tuple[str, int, int, int]] = []
-    key: str | None = None
-    members: dict[str, object] = {}
-
-    def finish() -> None:
-        if key is not None:
-            entry = _index_entry(key, members, path, stats, num_classes)
+    samples = TarSamples(path, _add_index_member)
+    for key, members in samples:
+        entry = _index_entry(key, members, path, stats, num_classes)
+        if entry is not None:
+            entries.append(entry)
+    broken = samples.broken
+    if broken is not None:
+        if {"jpg", "cls"} <= broken.members.keys():  # else it is part of the lost rest
+            key = broken.key or "*"  # never None here: the members came from a sample
+            entry = _index_entry(key, broken.members, path, stats, num_classes)
             if entry is not None:
                 entries.append(entry)
-
-    broken = None
-    try:
-        file_size = os.path.getsize(path)
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                member_key, suffix = _split_member_name(info.name)
-                if member_key != key:
-                    finish()
-                    key, members = member_key, {}
-                if info.offset_data + info.size > file_size:
-                    raise tarfile.ReadError(f"member {info.name!r} runs past the end of the file")
-                if suffix == "cls":
-                    small = info.size <= _CLS_MAX_BYTES
-                    members["cls"] = tar.extractfile(info).read() if small else b"<long>"  # type: ignore[union-attr]
-                elif suffix in _IMAGE_SUFFIXES:
-                    members.setdefault("jpg", (info.offset_data, info.size))
-            end_offset = tar.offset
-        if not _only_zeros_after(path, end_offset):
-            broken = "bad header part-way"  # tarfile stops quietly at a bad header past the first
-    except (tarfile.TarError, OSError, EOFError) as err:
-        broken = str(err)
-    if broken is None or {"jpg", "cls"} <= members.keys():
-        finish()  # an incomplete sample cut short by a broken tar is part of the lost rest
-    if broken is not None:
-        stats.skip("broken tar", key or "*", path, f"{broken}; rest of shard skipped")
+        stats.skip("broken tar", broken.key or "*", path, f"{broken.reason}; rest of shard skipped")
     return entries
+
+
+def _add_index_member(
+    members: dict, suffix: str, info: tarfile.TarInfo, read: Callable[[], bytes]
+) -> None:
+    """What the index keeps of a member: a short ``cls``'s bytes, the first image's place."""
+    if suffix == "cls":
+        members["cls"] = read() if info.size <= _CLS_MAX_BYTES else b"<long>"
+    elif suffix in _IMAGE_SUFFIXES:
+        members.setdefault("jpg", (info.offset_data, info.size))
 
 
 def _index_entry(
@@ -282,6 +276,9 @@ class _OpenFiles:
 class ShardBatches:
     """Batches (:class:`Batch`) of one data-parallel replica from the shards named by
     ``pattern``; see the module docstring for the scheme.
+
+    Attributes set at construction: ``num_samples`` (N), ``batches_per_epoch``, ``read_stats``,
+    ``fingerprint``, and ``index_source`` (``"manifest"`` or ``"scan"``: where N came from).
 
     Pickling keeps the settings and the index (not open files nor the load-time bad list).
     """
@@ -363,8 +360,31 @@ class ShardBatches:
     # ------------------------------------------------------------ index
 
     def _build_index(self, paths: list[str]) -> None:
-        """Scan every shard; fill the index arrays, read_stats and the fingerprint."""
+        """Fill the index arrays, read_stats and the fingerprint: from the converter's manifest
+        when it matches the shards (no shard is opened), else by scanning every shard."""
         self._paths = paths
+        self._pending: set[int] = set()  # shards whose entries are not read yet (manifest)
+        self._keys: np.ndarray | None = None  # (N,) only for messages (scan)
+        self._shard_keys: dict[int, list[str]] = {}  # shard → its keys (manifest)
+        listed = _manifest_counts(paths, self.num_classes)
+        if listed is None:
+            self._scan_index(paths)
+        else:
+            self._manifest_index(paths, *listed)
+        if self.read_stats.skipped:
+            log.warning(
+                "%s: %d good samples; skipped %s",
+                self.pattern,
+                self.num_samples,
+                self.read_stats.summary(),
+            )
+        self._check_bad_fraction()
+        if self.num_samples == 0:
+            raise ValueError(f"shard pattern {self.pattern!r} holds no readable samples")
+
+    def _scan_index(self, paths: list[str]) -> None:
+        """Scan every shard's tar headers (``num_threads`` at a time)."""
+        self.index_source = "scan"
         with self._mapper() as map_fn:
             scans = list(map_fn(self._scan_one, paths))
         self.read_stats = IndexStats()
@@ -377,11 +397,13 @@ class ShardBatches:
                 offsets.append(offset)
                 sizes.append(size)
                 labels.append(label)
-        self._keys = np.array(keys, dtype=np.bytes_)  # (N,) only for messages
+        self._keys = np.array(keys, dtype=np.bytes_)
         self._shards = np.array(shards, dtype=np.int32)  # (N,) into self._paths
         self._offsets = np.array(offsets, dtype=np.int64)  # (N,) byte offset of the image
         self._sizes = np.array(sizes, dtype=np.int64)  # (N,) image bytes
         self._labels = torch.tensor(labels, dtype=torch.int64)  # (N,)
+        self._n = len(labels)
+        self._starts = np.searchsorted(self._shards, np.arange(len(paths) + 1))  # (S+1,)
         self._total = self.num_samples + self.read_stats.skipped  # every sample found
         digest = hashlib.sha256()
         for path in paths:
@@ -389,16 +411,54 @@ class ShardBatches:
         for array in (self._keys, self._shards, self._offsets, self._sizes, self._labels.numpy()):
             digest.update(array.tobytes())
         self.fingerprint = digest.hexdigest()[:16]
-        if self.read_stats.skipped:
-            log.warning(
-                "%s: %d good samples; skipped %s",
-                self.pattern,
-                self.num_samples,
-                self.read_stats.summary(),
-            )
-        self._check_bad_fraction()
-        if self.num_samples == 0:
-            raise ValueError(f"shard pattern {self.pattern!r} holds no readable samples")
+
+    def _manifest_index(self, paths: list[str], counts: list[int], digests: list[str]) -> None:
+        """Take N and each shard's share from the manifest; a shard's entries (offsets, sizes,
+        labels, keys) are read when one of its samples is first decoded (``_load_shard``)."""
+        self.index_source = "manifest"
+        counts_array = np.array(counts, dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts_array)])  # (S+1,)
+        n = int(self._starts[-1])
+        self._shards = np.repeat(np.arange(len(paths), dtype=np.int32), counts_array)  # (N,)
+        self._offsets = np.zeros(n, dtype=np.int64)  # filled by _load_shard
+        self._sizes = np.zeros(n, dtype=np.int64)
+        self._labels = torch.zeros(n, dtype=torch.int64)
+        self._n = n
+        self._pending = set(range(len(paths)))
+        self.read_stats = IndexStats(samples=n)
+        self._total = n
+        digest = hashlib.sha256(b"manifest\0")
+        for path, count, sha256 in zip(paths, counts, digests, strict=True):
+            digest.update(f"{os.path.basename(path)}\0{count}\0{sha256}\0".encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    def _load_shard(self, shard: int) -> None:
+        """Read the entries of a shard the manifest counted, once (any thread may ask)."""
+        with self._index_lock:
+            if shard not in self._pending:
+                return
+            path = self._paths[shard]
+            stats = IndexStats()
+            entries = scan_shard(path, stats, self.num_classes)
+            first, last = int(self._starts[shard]), int(self._starts[shard + 1])
+            if stats.skipped or len(entries) != last - first:
+                raise DataError(
+                    f"{path} holds {len(entries)} good samples (skipped: {stats.summary()}), but "
+                    f"its {_MANIFEST} says {last - first}: the manifest is stale; delete it (the "
+                    "reader then scans the shards) or convert the data again"
+                )
+            self._offsets[first:last] = [offset for _, offset, _, _ in entries]
+            self._sizes[first:last] = [size for _, _, size, _ in entries]
+            self._labels[first:last] = torch.tensor([label for _, _, _, label in entries])
+            self._shard_keys[shard] = [key for key, _, _, _ in entries]
+            self._pending.discard(shard)
+
+    def _key(self, index: int) -> str:
+        """Sample ``index``'s key (its shard is indexed)."""
+        if self._keys is not None:
+            return self._keys[index].decode("utf-8", "surrogateescape")
+        shard = int(self._shards[index])
+        return self._shard_keys[shard][index - int(self._starts[shard])]
 
     def _scan_one(self, path: str) -> tuple[list, IndexStats]:
         stats = IndexStats()
@@ -417,11 +477,12 @@ class ShardBatches:
     def _init_runtime(self) -> None:
         self._files = _OpenFiles(max(_OPEN_FILES, 2 * self.num_threads))
         self._lock = threading.Lock()
+        self._index_lock = threading.Lock()
         self._bad: dict[int, str] = {}  # index → reason, for samples that failed at load time
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for name in ("_files", "_lock", "_bad"):
+        for name in ("_files", "_lock", "_index_lock", "_bad"):
             del state[name]
         return state
 
@@ -438,7 +499,7 @@ class ShardBatches:
     @property
     def num_samples(self) -> int:
         """Good samples in the index (N)."""
-        return len(self._labels)
+        return self._n
 
     @property
     def batches_per_epoch(self) -> int:
@@ -544,11 +605,12 @@ class ShardBatches:
                 return index, None, 0.0
             images[row] = self._eval_view(image)
             return index, None, 1.0
-        for step in range(self.num_samples):  # substitute a bad sample by the next good one
-            index = int(order[(position + step) % self.num_samples])
-            rng = np.random.default_rng([self.seed, epoch, index])
+        n, out = self._n, images[row]
+        for step in range(n):  # substitute a bad sample by the next good one
+            index = int(order[(position + step) % n])
+            rng = _sample_rng(self.seed, epoch, index)
             # draws top, left, flip, then decodes only the part of the image the view needs
-            view = functools.partial(self._train_view.from_jpeg, rng=rng, out=images[row])
+            view = functools.partial(self._train_view.from_jpeg, rng=rng, out=out)
             if self._decode(index, view) is not None:
                 break
         else:
@@ -564,7 +626,10 @@ class ShardBatches:
         decoded (``decode`` raises ValueError), counted, or the sample is known to be bad."""
         if index in self._bad:
             return None
-        path = self._paths[int(self._shards[index])]
+        shard = int(self._shards[index])
+        if shard in self._pending:
+            self._load_shard(shard)
+        path = self._paths[shard]
         try:
             data = self._files.read(path, int(self._offsets[index]), int(self._sizes[index]))
         except OSError as err:
@@ -581,8 +646,7 @@ class ShardBatches:
             if index in self._bad:
                 return
             self._bad[index] = reason
-            key = self._keys[index].decode("utf-8", "surrogateescape")
-            self.read_stats.skip(reason, key, path, detail)
+            self.read_stats.skip(reason, self._key(index), path, detail)
             self._check_bad_fraction()
 
     @contextlib.contextmanager
@@ -656,6 +720,72 @@ class ShardBatches:
             f"seed={self.seed}, replica={self.replica}/{self.replicas}, "
             f"samples={self.num_samples}, batches={self.batches_per_epoch})"
         )
+
+
+def _manifest_counts(
+    paths: list[str], num_classes: int | None
+) -> tuple[list[int], list[str]] | None:
+    """Each shard's good samples and sha256 from the ``manifest.json`` that ``data.convert``
+    wrote beside it, or None: scan instead.
+
+    None, silently, when a folder has no converter manifest (none at all, or another tool's,
+    e.g. ``data.demo``'s) or when ``num_classes`` leaves out classes that have samples (the scan
+    counts those). None, with a one-line warning, when the manifest does not match the shards:
+    a shard it does not list, a size other than the one it records (a shard rewritten since),
+    or an unreadable manifest. Only names and sizes are compared: checking the sha256 would
+    read every byte.
+    """
+    records: dict[str, dict] = {}
+    for folder in sorted({os.path.dirname(path) for path in paths}):
+        file = os.path.join(folder, _MANIFEST)
+        try:
+            with open(file) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            log.warning("%s is unreadable (%s); indexing by scanning the shards", file, err)
+            return None
+        if not isinstance(manifest, dict) or manifest.get("format") != _MANIFEST_FORMAT:
+            return None
+        try:
+            classes_used = [c["index"] for c in manifest["classes"] if c["samples"] > 0]
+            for record in manifest["shards"]:
+                records[os.path.join(folder, record["shard"])] = {
+                    "file": file, "samples": int(record["samples"]), "bytes": int(record["bytes"]),
+                    "sha256": str(record["sha256"]),
+                }  # fmt: skip
+        except (KeyError, TypeError, ValueError) as err:
+            log.warning("%s is malformed (%r); indexing by scanning the shards", file, err)
+            return None
+        if num_classes is not None and any(c >= num_classes for c in classes_used):
+            return None
+    counts, digests = [], []
+    for path in paths:
+        record = records.get(path)
+        if record is None:
+            file = os.path.join(os.path.dirname(path), _MANIFEST)
+            log.warning("%s does not list %s; indexing by scanning the shards", file, path)
+            return None
+        size = os.path.getsize(path)
+        if size != record["bytes"]:
+            log.warning(
+                "%s does not match the shards (%s is %d bytes, the manifest says %d); indexing by "
+                "scanning the shards",
+                record["file"],
+                os.path.basename(path),
+                size,
+                record["bytes"],
+            )
+            return None
+        counts.append(record["samples"])
+        digests.append(record["sha256"])
+    return counts, digests
+
+
+def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """``np.random.default_rng([seed, epoch, index])``, built directly (a few µs less)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index])))
 
 
 def _is_int(value: object) -> bool:

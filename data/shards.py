@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import io
 import logging
 import os
 import re
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import simplejpeg
 import webdataset
@@ -28,6 +29,8 @@ from PIL import Image
 
 __all__ = [
     "ReadStats",
+    "TarBreak",
+    "TarSamples",
     "expand_shards",
     "looks_like_image",
     "read_samples",
@@ -255,31 +258,97 @@ def read_samples(
 
 
 def _read_one_shard(path: str, stats: ReadStats) -> Iterator[tuple[str, bytes, int]]:
-    """Group consecutive members by key and yield the complete, valid samples of one shard."""
-    key, members = None, {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                member_key, suffix = _split_member_name(info.name)
-                if member_key != key:
-                    if key is not None:
-                        sample = _complete_sample(key, members, path, stats)
-                        if sample is not None:
-                            yield sample
-                    key, members = member_key, {}
-                members[suffix] = tar.extractfile(info).read()  # type: ignore[union-attr]
-            end_offset = tar.offset
+    """Yield the complete, valid samples of one shard (see :func:`read_samples`)."""
+    samples = TarSamples(path, _add_member_bytes)
+    for key, members in samples:
+        sample = _complete_sample(key, members, path, stats)
+        if sample is not None:
+            yield sample
+    broken = samples.broken
+    if broken is None:
+        return
+    if broken.raised:  # the sample being read is lost with the rest
+        reason = f"corrupt tar ({broken.reason}); rest of shard unreadable"
+        stats.skip(reason, broken.key or "*", path)
+        return
+    if broken.key is not None:  # the tar itself ended cleanly: its last sample is whole
+        sample = _complete_sample(broken.key, broken.members, path, stats)
+        if sample is not None:
+            yield sample
+    stats.skip("tar broken part-way; rest of shard unreadable", "*", path)
+
+
+def _add_member_bytes(
+    members: dict, suffix: str, info: tarfile.TarInfo, read: Callable[[], bytes]
+) -> None:
+    """What :func:`read_samples` keeps of a member: all its bytes, the last one of a name wins."""
+    members[suffix] = read()
+
+
+@dataclasses.dataclass
+class TarBreak:
+    """Where and why a shard's tar structure broke (:attr:`TarSamples.broken`)."""
+
+    reason: str  # tarfile's error, or "bad header part-way"
+    raised: bool  # True: reading failed part-way; False: the tar ended, but not the file
+    key: str | None  # the sample being read when it broke, or the last one; None: none yet
+    members: dict  # what :class:`TarSamples`'s ``add`` made of that sample's members
+
+
+class TarSamples:
+    """The samples of one tar shard, grouped from its members: the one loop over tar members
+    that both :func:`read_samples` and the loader's index scan use.
+
+    Iterating yields ``(key, members)`` for each run of consecutive file members sharing a key
+    (WebDataset's layout), in member order. ``members`` is a dict that ``add(members, suffix,
+    info, read)`` fills from each member of the run: ``suffix`` is the lower-cased extension,
+    ``info`` the ``tarfile.TarInfo``, ``read()`` returns the member's bytes. The caller decides
+    which members it reads and how duplicates resolve.
+
+    A sound shard yields every run. A broken one (unreadable, truncated, a corrupt header, or
+    data other than zero padding after the tar's end, where ``tarfile`` stops quietly) yields
+    the runs before the break and leaves the run it was reading, whole or not, in
+    :attr:`broken`; the rest of the shard is lost. A member whose data runs past the end of the
+    file counts as a break where it starts, even before anything reads it.
+    """
+
+    def __init__(
+        self, path: str, add: Callable[[dict, str, tarfile.TarInfo, Callable[[], bytes]], None]
+    ) -> None:
+        self.path, self._add = path, add
+        self.broken: TarBreak | None = None  # set once iteration has ended, if the tar broke
+
+    def __iter__(self) -> Iterator[tuple[str, dict]]:
+        key: str | None = None
+        members: dict = {}
+        try:
+            file_size = os.path.getsize(self.path)
+            with tarfile.open(self.path, mode="r:") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    member_key, suffix = _split_member_name(info.name)
+                    if member_key != key:
+                        if key is not None:
+                            yield key, members
+                        key, members = member_key, {}
+                    if info.offset_data + info.size > file_size:
+                        raise tarfile.ReadError(f"member {info.name!r} runs past the file's end")
+                    self._add(members, suffix, info, functools.partial(_read_member, tar, info))
+                end_offset = tar.offset
+            if not _only_zeros_after(self.path, end_offset):
+                # tarfile stops quietly at a bad header past the first one: the rest is lost
+                self.broken = TarBreak("bad header part-way", False, key, members)
+                return
+        except (tarfile.TarError, OSError, EOFError) as err:
+            self.broken = TarBreak(str(err), True, key, members)
+            return
         if key is not None:
-            sample = _complete_sample(key, members, path, stats)
-            if sample is not None:
-                yield sample
-        if not _only_zeros_after(path, end_offset):
-            # tarfile stops quietly at a bad header past the first one: the rest is lost.
-            stats.skip("tar broken part-way; rest of shard unreadable", "*", path)
-    except (tarfile.TarError, OSError, EOFError) as err:
-        stats.skip(f"corrupt tar ({err}); rest of shard unreadable", key or "*", path)
+            yield key, members
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    return tar.extractfile(info).read()  # type: ignore[union-attr]
 
 
 def _split_member_name(name: str) -> tuple[str, str]:

@@ -20,6 +20,12 @@ and decodes just that window with libjpeg-turbo (:func:`region_size`, :func:`dec
 the C extension ``data._jpegroi``, data/_jpegroi.c). The window's pixels equal a full decode's
 bit for bit, so the view is the one ``TrainTransform()(decode_rgb(jpg), rng)`` gives. Without
 the extension (no compiler at install time) every image is decoded whole, with one warning.
+
+Resizing. The same extension resizes a training view's window, flips it and writes it into its
+row of the batch in one C call (``_jpegroi.resample``; ``_jpegroi.decode_view`` does it right
+after the region decode, so the window never reaches Python). It does the integer arithmetic of
+torch's antialiased bilinear uint8 kernel with the same weights, so its pixels are torch's bit
+for bit; without the extension torch does it (``TrainTransform._torch_view``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import functools
 import io
 import logging
 import math
+import typing
 
 import numpy as np
 import simplejpeg
@@ -176,6 +183,18 @@ class _CropTransform:
         return f"{type(self).__name__}(resize={self.resize}, crop={self.crop})"
 
 
+class _Plan(typing.NamedTuple):
+    """How a training view is made from an image: the source window, rows [r0, r1) and columns
+    [c0, c1), is resized by ``scale_factor`` (1.0: not resized), and the view is the
+    ``crop``×``crop`` patch at (dy, dx) of the result."""
+
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    scale_factor: float
+    dy: int
+    dx: int
+
+
 class TrainTransform(_CropTransform):
     """Training view: 256 square, random ``crop`` patch, random horizontal flip.
 
@@ -188,6 +207,11 @@ class TrainTransform(_CropTransform):
     would start exactly at (top, left). Where no resize is needed (shards already at 256) the
     patch is an exact crop.
 
+    The resize, flip and write into the batch's row are one C call, ``data._jpegroi.resample``
+    (data/_jpegroi.c): the arithmetic of torch's antialiased bilinear uint8 kernel, so the pixels
+    are those of ``F.interpolate(..., antialias=True)``, bit for bit, which is what runs when the
+    extension is not built.
+
     Two entry points give the same view, bit for bit: calling the transform on a decoded image,
     and :meth:`from_jpeg` on the encoded bytes, which decodes only the source window (see
     :func:`decode_region`).
@@ -198,10 +222,7 @@ class TrainTransform(_CropTransform):
     ) -> torch.Tensor:
         """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor, written into ``out`` when given."""
         top, left, flip = self._draw(rng)
-        height, width = image.shape[:2]
-        rows, cols = self._source(height, width, top, left)
-        window = image[rows[0] : rows[1], cols[0] : cols[1]]
-        return self._patch(window, min(height, width), top, left, flip, out)
+        return self._view(image, top, left, flip, out)
 
     def from_jpeg(
         self, jpg: bytes, rng: np.random.Generator, out: torch.Tensor | None = None
@@ -209,22 +230,18 @@ class TrainTransform(_CropTransform):
         """Image bytes → the view ``self(decode_rgb(jpg), rng, out)`` gives, bit for bit.
 
         Only the source window is decoded when :func:`decode_region` can (a JPEG in YCbCr,
-        grey or RGB, with the extension built); any other file is decoded whole by
+        grey or RGB, with the extension built), and it never reaches Python: the extension
+        decodes, resizes and writes the view in one call. Any other file is decoded whole by
         :func:`decode_rgb`. Raises ``ValueError`` if neither can decode it (``rng`` has then
         given its three draws).
         """
         top, left, flip = self._draw(rng)
         size = region_size(jpg)
-        window = None
         if size is not None:
-            rows, cols = self._source(*size, top, left)
-            window = decode_region(jpg, rows, cols)
-        if window is None:  # not for the region decoder: decode it all
-            image = decode_rgb(jpg)  # (H, W, 3)
-            size = image.shape[:2]
-            rows, cols = self._source(*size, top, left)
-            window = image[rows[0] : rows[1], cols[0] : cols[1]]
-        return self._patch(window, min(size), top, left, flip, out)
+            view = self._target(out)
+            if _decode_view(jpg, self._plan(*size, top, left), self.crop, flip, view):
+                return view if out is None or view is out else out.copy_(view)
+        return self._view(decode_rgb(jpg), top, left, flip, out)
 
     def _draw(self, rng: np.random.Generator) -> tuple[int, int, bool]:
         """The view's random choices, in their fixed order: top, left, flip."""
@@ -232,40 +249,54 @@ class TrainTransform(_CropTransform):
         top, left = int(rng.integers(span)), int(rng.integers(span))
         return top, left, bool(rng.random() < 0.5)
 
-    def _source(
-        self, height: int, width: int, top: int, left: int
-    ) -> tuple[tuple[int, int], tuple[int, int]]:
-        """The image pixels the patch at (top, left) of the 256 grid is made from: rows
-        [r0, r1) and columns [c0, c1) of a ``height`` × ``width`` image."""
+    def _target(self, out: torch.Tensor | None) -> torch.Tensor:
+        """Where the C functions write the view: ``out``, unless it is not a contiguous
+        (3, crop, crop) uint8 tensor (then a new one, copied into ``out`` after)."""
+        shape = (3, self.crop, self.crop)
+        if out is None or out.dtype != torch.uint8 or out.shape != shape or not out.is_contiguous():
+            return torch.empty(shape, dtype=torch.uint8)
+        return out
+
+    def _plan(self, height: int, width: int, top: int, left: int) -> _Plan:
+        """How the patch at (top, left) of the 256 grid is made from a ``height`` × ``width``
+        image (see :class:`_Plan`)."""
         side = min(height, width)
         y0, x0 = (height - side) // 2, (width - side) // 2  # the central square's corner
         if side == self.resize:  # no resize: the patch itself
-            return (y0 + top, y0 + top + self.crop), (x0 + left, x0 + left + self.crop)
+            rows = (y0 + top, y0 + top + self.crop)
+            return _Plan(rows, (x0 + left, x0 + left + self.crop), 1.0, 0, 0)
         scale = side / self.resize  # source pixels per output pixel
-        rows, cols = self._window(top, scale, side), self._window(left, scale, side)
-        return (y0 + rows[0], y0 + rows[1]), (x0 + cols[0], x0 + cols[1])
+        (r0, r1), (c0, c1) = self._window(top, scale, side), self._window(left, scale, side)
+        scale_factor = 1 / scale
+        # where output pixel (top, left) of the full grid falls in the window's resize, whose
+        # size torch computes as trunc(window * scale_factor)
+        dy = self._offset(top, r0, scale, int((r1 - r0) * scale_factor))
+        dx = self._offset(left, c0, scale, int((c1 - c0) * scale_factor))
+        return _Plan((y0 + r0, y0 + r1), (x0 + c0, x0 + c1), scale_factor, dy, dx)
 
-    def _patch(
-        self,
-        window: np.ndarray,
-        side: int,
-        top: int,
-        left: int,
-        flip: bool,
-        out: torch.Tensor | None,
+    def _view(
+        self, image: np.ndarray, top: int, left: int, flip: bool, out: torch.Tensor | None
     ) -> torch.Tensor:
-        """The ``_source`` pixels (h, w, 3) of an image whose shorter side is ``side`` → the
-        (3, crop, crop) patch, flipped when ``flip``, written into ``out`` when given."""
-        if side == self.resize:
-            patch = torch.from_numpy(window).permute(2, 0, 1)  # (3, crop, crop), a view
-        else:
-            scale = side / self.resize
-            pixels = torch.from_numpy(window).permute(2, 0, 1).unsqueeze(0)  # channels last
-            resized = F.interpolate(pixels, scale_factor=1 / scale, mode="bilinear", antialias=True,
-                                    align_corners=False, recompute_scale_factor=False)[0]
-            dy = self._offset(top, self._window(top, scale, side)[0], scale, resized.shape[1])
-            dx = self._offset(left, self._window(left, scale, side)[0], scale, resized.shape[2])
-            patch = resized[:, dy : dy + self.crop, dx : dx + self.crop]  # (3, crop, crop)
+        """The view of a decoded (H, W, 3) image, written into ``out`` when given."""
+        plan = self._plan(image.shape[0], image.shape[1], top, left)
+        (r0, r1), (c0, c1) = plan.rows, plan.cols
+        if _jpegroi is not None and image.flags.c_contiguous and image.dtype == np.uint8:
+            view = self._target(out)
+            _jpegroi.resample(image, image.strides[0], r0, c0, r1 - r0, c1 - c0,
+                              plan.scale_factor, plan.dy, plan.dx, self.crop, flip, view.numpy())
+            return view if out is None or view is out else out.copy_(view)
+        return self._torch_view(image[r0:r1, c0:c1], plan, flip, out)
+
+    def _torch_view(
+        self, window: np.ndarray, plan: _Plan, flip: bool, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """What ``_jpegroi.resample`` does, with torch: the window (h, w, 3) → the patch."""
+        pixels = torch.from_numpy(window).permute(2, 0, 1)  # (3, h, w), channels last
+        if plan.scale_factor != 1.0:
+            pixels = F.interpolate(pixels.unsqueeze(0), scale_factor=plan.scale_factor,
+                                   mode="bilinear", antialias=True, align_corners=False,
+                                   recompute_scale_factor=False)[0]
+        patch = pixels[:, plan.dy : plan.dy + self.crop, plan.dx : plan.dx + self.crop]
         if flip:
             patch = patch.flip(-1)
         if out is None:
@@ -283,6 +314,20 @@ class TrainTransform(_CropTransform):
     def _offset(self, start: int, first: int, scale: float, size: int) -> int:
         """Where output pixel ``start`` of the full grid falls in the window's resize."""
         return max(0, min(round(start - first / scale), size - self.crop))
+
+
+def _decode_view(jpg: bytes, plan: _Plan, crop: int, flip: bool, out: torch.Tensor) -> bool:
+    """Decode only ``plan``'s window of a JPEG (one :func:`region_size` accepts) and write its
+    view into ``out`` (``data._jpegroi.decode_view``): True, or False when libjpeg reports
+    corrupt or truncated data, even only a warning (:func:`decode_rgb` then decides, as for any
+    file). Releases the GIL."""
+    (r0, r1), (c0, c1) = plan.rows, plan.cols
+    try:
+        _jpegroi.decode_view(jpg, r0, c0, r1 - r0, c1 - c0, plan.scale_factor, plan.dy, plan.dx,
+                             crop, flip, out.numpy())
+    except ValueError:
+        return False
+    return True
 
 
 def pca_lighting_offset(rng: np.random.Generator, variant: str = "paper") -> np.ndarray:

@@ -94,11 +94,13 @@ class Head:
 
 
 @contextlib.contextmanager
-def own_head(workdir: Path, num_cpus: int = 2):
-    """Start a head on 127.0.0.1 in its own process group; stop exactly that head afterwards."""
+def own_head(workdir: Path, num_cpus: int = 2, extra_env: dict | None = None):
+    """Start a head on 127.0.0.1 in its own process group; stop exactly that head afterwards.
+    `extra_env`: more environment for the head and what joins it (e.g. Ray system settings)."""
     gcs, dashboard, agent, client = (localnet.free_port() for _ in range(4))
     env = head_env(workdir)
     env.update(localnet.loopback_env())
+    env.update(extra_env or {})
     args = localnet.ray_start_head_args(port=gcs, dashboard_port=dashboard,
                                         dashboard_agent_listen_port=agent, ray_client_server_port=client)
     log = workdir / "start.log"
@@ -126,3 +128,58 @@ def short_tmpdir(prefix: str):
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+class WorkerNode:
+    """A `ray start --address` of one test: a second raylet on 127.0.0.1 joined to the test's head."""
+
+    def __init__(self, pgid: int, name: str):
+        self.pgid, self.name = pgid, name
+
+    def kill_raylet(self) -> None:
+        """SIGKILL this node's raylet, as a lost machine would look to the cluster."""
+        for pid in localnet.process_tree(pgids=[self.pgid]):
+            if _comm(pid) == "raylet":
+                os.kill(pid, signal.SIGKILL)
+
+
+# `ray start --address ...` on 127.0.0.1. Ray keeps a node's IP on loopback only while
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (cluster/localnet.py), and that same setting makes `ray start`
+# refuse to join a worker node. This launcher lifts just the refusal, in the `ray start` process
+# alone: it takes the given --node-ip-address as it is, and every process it starts (raylet,
+# agents, workers) inherits the setting and stays on 127.0.0.1.
+_JOIN_ON_LOOPBACK = """
+import sys
+from ray._private import ray_constants, services
+from ray.scripts.scripts import main
+ray_constants.ENABLE_RAY_CLUSTER = True
+services.resolve_ip_for_localhost = lambda host: host
+sys.argv = ["ray", "start", *sys.argv[1:]]
+main()
+"""
+
+
+@contextlib.contextmanager
+def worker_node(head: Head, workdir: Path, name: str, num_cpus: int = 2):
+    """Join a worker node with `num_cpus` CPUs and the custom resource `name` to `head`; every
+    port it opens is a free one on 127.0.0.1. Stops exactly that node afterwards."""
+    ports = {flag: localnet.free_port() for flag in (
+        "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "runtime-env-agent-port")}
+    args = [f"--address={localnet.LOOPBACK}:{head.gcs_port}", f"--node-ip-address={localnet.LOOPBACK}",
+            f"--num-cpus={num_cpus}", f'--resources={{"{name}": 1}}', "--disable-usage-stats",
+            *(f"--{flag}={port}" for flag, port in ports.items())]
+    log = workdir / f"start-{name}.log"
+    with open(log, "w") as out:
+        node = subprocess.Popen([sys.executable, "-c", _JOIN_ON_LOOPBACK, *args], env=head.env, cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        node.wait(timeout=90)
+        if node.returncode != 0:
+            raise RuntimeError(f"ray start (worker {name}) failed ({node.returncode}):\n{log.read_text()[-4000:]}")
+        yield WorkerNode(node.pid, name)
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait()
+        stop_session(node.pid)

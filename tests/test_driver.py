@@ -32,7 +32,9 @@ def tiny_run_args(demo, run_dir, *extra) -> list[str]:
      "batch_size 100 must be divisible by microbatches 3: allowed microbatches are divisors of the batch"),
     (["--recipe", "resnet"], "recipe must be one of alexnet_2012, demo, got 'resnet'"),
     (["--towers", "3"], "towers must be one of 1, 2, got 3"),
-    (["--replicas", "2"], "replicas must be one of 1, got 2"),
+    (["--replicas", "0"], "replicas must be in 1..1024, got 0"),
+    (["--stage-resources", "1=ssd"], "stage_resources must be STAGE=RESOURCE items with STAGE in 0..0"),
+    (["--lr-scaling", "sqrt"], "lr_scaling must be one of linear, none, got 'sqrt'"),
     (["--stages", "9"], "stages must be one of 1, 2, 3, 4, 5, 6, 7, 8, got 9"),
     (["--stages", "2", "--stage-split", "conv1-conv2 | conv2-fc8"], "stage_split: split 'conv1-conv2 | conv2-fc8' repeats conv2"),
     (["--schedule", "interleaved"], "schedule must be one of 1f1b, gpipe, got 'interleaved'"),
@@ -85,7 +87,7 @@ def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
     with short_tmpdir("drv") as tmp:
         # 60 steps (the 10 × 6 training images, batch 8 -> 7 steps per epoch, 9 epochs), so the run
         # lasts long enough for its listeners to be seen
-        args = tiny_run_args(tiny_demo, tmp / "run", "--epochs", "9", "--microbatches", "2", "--lr", "0.001")
+        args = tiny_run_args(tiny_demo, tmp / "run", "--epochs", "9", "--microbatches", "2", "--lr", "0.004")
         with open(tmp / "driver.log", "w") as log:
             proc = subprocess.Popen(DRIVER + args, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -93,6 +95,8 @@ def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
         out = (tmp / "driver.log").read_text()
         assert proc.returncode == 0, out[-4000:]
         assert_nothing_left(proc.pid)
+    # --lr is for the demo's lr_batch of 32 images: linear scaling gives batch 8 a quarter of it
+    assert "initial ε 0.001 (0.004 per 32 images, linear scaling)" in out, out
     assert re.search(r"step \d+/63 \| epoch \d+/9 \| loss [\d.]+ \| lr 0.001 \| [\d.]+ img/s .*\| data wait \d+% \| ETA ", out), out
     assert re.search(r"epoch 9/9: train loss [\d.]+ \| val loss [\d.]+ \| val top-1 [\d.]+% \| val top-5", out), out
     store = re.search(r"rendezvous 127\.0\.0\.1:(\d+)", out)

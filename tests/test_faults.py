@@ -12,8 +12,9 @@ import time
 import pytest
 import torch
 
-from cluster import localnet
+from cluster import checkpoint, localnet
 from cluster.driver import main
+from cluster.storage import INJECT_SLOW_WRITE_ENV, TMP_SUFFIX
 from cluster.worker import INJECT_HANG_ENV, INJECT_NAN_ENV
 from test_driver import DRIVER, assert_nothing_left, tiny_run_args
 from test_resume import shard_tensors
@@ -54,21 +55,54 @@ def run_and_kill_an_actor(args: list[str], cwd, after_line: str) -> tuple[int, s
     return proc.returncode, "".join(lines)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_demo, tmp_path_factory) -> dict:
+    """The tensors of the last checkpoint of the run every faulty variant must end as."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert main(tiny_run_args(tiny_demo, run_dir, *COMMON)) == 0
+    return shard_tensors(run_dir / "checkpoint-00000010")
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 @pytest.mark.timeout(600)
-def test_a_killed_actor_is_replaced_and_the_run_ends_as_if_nothing_happened(tiny_demo, tmp_path, capsys):
-    assert main(tiny_run_args(tiny_demo, tmp_path / "straight", *COMMON)) == 0
-    capsys.readouterr()
+def test_a_killed_actor_is_replaced_and_the_run_ends_as_if_nothing_happened(tiny_demo, tmp_path, uninterrupted):
     status, out = run_and_kill_an_actor(tiny_run_args(tiny_demo, tmp_path / "killed", *COMMON), tmp_path,
                                         after_line="step 5/10")
     assert status == 0, out[-3000:]
     # checkpoints come every 2 steps: the kill lands in step 6 or 7, the run goes on from step 4 or 6
     assert "restart 1/3: " in out and "going on from " + str(tmp_path / "killed" / "checkpoint-0000000") in out
     assert "done: 10 steps" in out
-    a = shard_tensors(tmp_path / "straight" / "checkpoint-00000010")
-    b = shard_tensors(tmp_path / "killed" / "checkpoint-00000010")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_tensors(uninterrupted, shard_tensors(tmp_path / "killed" / "checkpoint-00000010"))
+
+
+@pytest.mark.timeout(600)
+def test_an_actor_killed_while_writing_a_checkpoint_leaves_the_previous_one(tiny_demo, tmp_path, uninterrupted):
+    """Rank 1's shard of checkpoint 4 is half written (its temporary file) when the actor is
+    SIGKILLed: checkpoint 4 never gets a manifest, the run goes on from checkpoint 2 and ends
+    with the uninterrupted run's weights."""
+    shard = tmp_path / "run" / "checkpoint-00000004" / "rank00001.pt"
+    env = {**os.environ, INJECT_SLOW_WRITE_ENV: f"4:{shard}"}  # that one write pauses half-way
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", *COMMON), cwd=tmp_path, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not shard.with_name(shard.name + TMP_SUFFIX).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    rank1 = re.search(r"^1 +0 +0 +1 +\S+ +\S+ +\S+ +(\d+)$", log.read_text(), re.MULTILINE)  # the placement table
+    os.kill(int(rank1.group(1)), signal.SIGKILL)
+    assert not (shard.parent / checkpoint.MANIFEST).exists()
+    proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert f"going on from {tmp_path / 'run' / 'checkpoint-00000002'}" in text, text[-3000:]
+    assert_same_tensors(uninterrupted, shard_tensors(tmp_path / "run" / "checkpoint-00000010"))
 
 
 @pytest.mark.timeout(300)

@@ -180,6 +180,103 @@ def test_threads_decode_at_once() -> None:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda j: _region(j, 10, 20, 100, 120), jpgs * 8))
     assert all(np.array_equal(g, want[i % 4]) for i, g in enumerate(got))
+    # and whole training views (decode, resize, write) from the same bytes
+    transform = TrainTransform(128, 96)
+    views = [transform.from_jpeg(j, np.random.default_rng(i)) for i, j in enumerate(jpgs)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(
+            lambda i: transform.from_jpeg(jpgs[i % 4], np.random.default_rng(i % 4)), range(32)))
+    assert all(torch.equal(g, views[i % 4]) for i, g in enumerate(got))
+
+
+# ---------------------------------------------------------------- the resize
+
+
+def _ramps(height: int, width: int) -> np.ndarray:
+    """R runs down the rows, G along the columns, B along the diagonal, a few levels per pixel:
+    any shift of the sampling grid or other rounding shows."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    return np.stack([rows * 3, cols * 5, (rows + cols) * 2], axis=-1).astype(np.uint8)  # wraps
+
+
+def _resampled(image: np.ndarray, plan, crop: int, flip: bool) -> np.ndarray:
+    out = np.empty((3, crop, crop), np.uint8)
+    (r0, r1), (c0, c1) = plan.rows, plan.cols
+    _jpegroi.resample(image, image.strides[0], r0, c0, r1 - r0, c1 - c0, plan.scale_factor,
+                      plan.dy, plan.dx, crop, flip, out)
+    return out
+
+
+@needs_roi
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "plain-c"])
+def test_resample_is_torchs_antialiased_resize_bit_for_bit(simd: bool) -> None:
+    # data/_jpegroi.c does the integer sums of torch's uint8 kernel (F.interpolate(...,
+    # antialias=True)) with the same int16 weights, so no pixel differs (the issue allows one
+    # grey level). Shorter sides around 256 (at 255 and 257 an axis of the window can keep its
+    # size, and torch then copies it), ImageNet's usual 300-500, large downscales, upscales, odd
+    # crops (the kernels' tails); real photos and ramps.
+    was = _jpegroi._set_simd(simd)
+    try:
+        shapes = [(255, 300), (256, 301), (257, 257), (375, 500), (500, 333), (427, 640),
+                  (1200, 1600), (200, 250), (31, 45)]
+        for n, (height, width) in enumerate(shapes):
+            photo = np.array(Image.fromarray(_photo(n)).resize((width, height), Image.BILINEAR))
+            for image in (photo, _ramps(height, width)):
+                for transform in (TrainTransform(), TrainTransform(256, 227)):
+                    for seed in range(4):
+                        top, left, flip = transform._draw(np.random.default_rng(seed))
+                        plan = transform._plan(height, width, top, left)
+                        (r0, r1), (c0, c1) = plan.rows, plan.cols
+                        want = transform._torch_view(image[r0:r1, c0:c1], plan, flip, None)
+                        got = _resampled(image, plan, transform.crop, flip)
+                        assert np.array_equal(got, want.numpy()), (simd, height, width, seed)
+        # any window, scale factor and patch, not only the training views'
+        rng = np.random.default_rng(1)
+        image = _ramps(300, 420)
+        for _ in range(120):
+            h, w = int(rng.integers(1, 301)), int(rng.integers(1, 421))
+            top, left = int(rng.integers(0, 301 - h)), int(rng.integers(0, 421 - w))
+            scale_factor = 256 / int(rng.integers(60, 3000))
+            out_h, out_w = int(h * scale_factor), int(w * scale_factor)  # torch's output size
+            crop = min(out_h, out_w, int(rng.integers(1, 230)))
+            if crop < 1:
+                continue
+            dy, dx = int(rng.integers(0, out_h - crop + 1)), int(rng.integers(0, out_w - crop + 1))
+            flip = bool(rng.random() < 0.5)
+            pixels = torch.from_numpy(image[top : top + h, left : left + w]).permute(2, 0, 1)[None]
+            resized = torch.nn.functional.interpolate(
+                pixels, scale_factor=scale_factor, mode="bilinear", antialias=True,
+                align_corners=False, recompute_scale_factor=False)[0]  # fmt: skip
+            want = resized[:, dy : dy + crop, dx : dx + crop]
+            want = want.flip(-1) if flip else want
+            out = np.empty((3, crop, crop), np.uint8)
+            _jpegroi.resample(image, image.strides[0], top, left, h, w, scale_factor, dy, dx,
+                              crop, flip, out)
+            assert np.array_equal(out, want.numpy()), (h, w, top, left, scale_factor, crop, dy, dx)
+    finally:
+        _jpegroi._set_simd(was)
+
+
+@needs_roi
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"out": np.empty((3, 8, 9), np.uint8)}, "out must hold 3 x 8 x 8 bytes"),
+        ({"dy": 13}, r"patch rows 13..21, columns 0..8 is not inside the 20x25 resized window"),
+        ({"top": 1}, "window rows 1..41, columns 0..50 is not inside the 6000 bytes"),
+        ({"scale_factor": 0.0}, "scale_factor must be > 0"),
+        ({"crop": 0}, "crop must be >= 1"),
+    ],
+)
+def test_resample_checks_its_arguments(change: dict, words: str) -> None:
+    image = np.zeros((40, 50, 3), np.uint8)
+    args = dict(pixels=image, stride=150, top=0, left=0, height=40, width=50, scale_factor=0.5,
+                dy=0, dx=0, crop=8, flip=False, out=np.empty((3, 8, 8), np.uint8))
+    _jpegroi.resample(**args)  # the 20x25 resize holds the 8x8 patch
+    with pytest.raises(ValueError, match=words):
+        _jpegroi.resample(**{**args, **change})
+    with pytest.raises(TypeError):  # out must be writable
+        _jpegroi.resample(**{**args, "out": bytes(192)})
 
 
 # ---------------------------------------------------------------- training views
@@ -303,14 +400,14 @@ def test_loader_batches_are_identical_without_the_extension(
 @needs_roi
 def test_loader_decodes_only_the_window(mixed_shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
     asked = []
+    decode_view = transforms._decode_view
 
-    def spy(jpg: bytes, rows: tuple, cols: tuple) -> np.ndarray | None:
-        asked.append((rows, cols, region_size(jpg)))
-        window = decode_region(jpg, rows, cols)
-        assert window is not None  # decoded in part, not handed on to decode_rgb
-        return window
+    def spy(jpg: bytes, plan, crop: int, flip: bool, out: torch.Tensor) -> bool:
+        asked.append((plan.rows, plan.cols, region_size(jpg)))
+        assert decode_view(jpg, plan, crop, flip, out)  # decoded in part, not by decode_rgb
+        return True
 
-    monkeypatch.setattr(transforms, "decode_region", spy)
+    monkeypatch.setattr(transforms, "_decode_view", spy)
     reader = ShardBatches(mixed_shards, 6, train=True, seed=3, max_bad_fraction=0.5)
     next(reader.epoch_batches(0))
     assert len(asked) >= 4  # 6 rows; a CMYK or PNG sample is decoded whole

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from data.convert import convert
 from data.demo import ensure_demo_dataset
 from data.loader import Batch, DataError, ShardBatches
 from data.shards import expand_shards, read_samples, write_shards
@@ -416,6 +418,88 @@ def test_a_missing_shard_is_an_error_at_start(uneven: str, tmp_path: Path, patte
     with pytest.raises(ValueError) as err:
         ShardBatches(pattern, 1, train=True, seed=0)
     assert repr(pattern) in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- the converter's manifest
+
+
+@pytest.fixture(scope="module")
+def converted(photos: list, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 40 photos through data.convert (an ImageFolder tree, 7 per shard: 6 shards and the
+    manifest.json listing their sample counts, sizes and sha256)."""
+    src = tmp_path_factory.mktemp("tree")
+    for key, jpg, cls in photos:
+        (src / f"class{cls}").mkdir(exist_ok=True)
+        (src / f"class{cls}" / f"{key}.jpg").write_bytes(jpg)
+    out = tmp_path_factory.mktemp("converted")
+    convert(src, out, layout="imagefolder", samples_per_shard=7, workers=1)
+    return out
+
+
+def _copy(folder: Path, to: Path, manifest: bool = True) -> str:
+    shutil.copytree(folder, to)
+    if not manifest:
+        (to / "manifest.json").unlink()
+    return str(to)
+
+
+def test_the_manifest_spares_the_scan(
+    converted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _copy(converted, tmp_path / "with")
+    scanned = ShardBatches(_copy(converted, tmp_path / "without", manifest=False), 3, train=True,
+                           seed=SEED, **SMALL)  # fmt: skip
+    assert scanned.index_source == "scan"
+    opened: list[str] = []
+    real_open = tarfile.open
+
+    def counting_open(name, *args, **kwargs):
+        opened.append(str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile, "open", counting_open)
+    reader = ShardBatches(folder, 3, train=True, seed=SEED, **SMALL)
+    # Built from the manifest alone: no tar opened, yet N and the batch count are known.
+    assert opened == [] and reader.index_source == "manifest"
+    assert (reader.num_samples, reader.batches_per_epoch) == (40, 13)  # 40 // 3
+    assert reader.read_stats.samples == 40 and reader.read_stats.skipped == 0
+    # Each shard is read once, when a batch first needs one of its samples; the batches are
+    # those of a reader that scanned.
+    for epoch in (0, 1):
+        for a, b in zip(reader.epoch_batches(epoch), scanned.epoch_batches(epoch), strict=True):
+            assert _same(a, b)
+    assert sorted(opened) == sorted(expand_shards(folder))
+    # Another reader of the same shards agrees on the fingerprint (not a scanning one's: the
+    # manifest's is made of the shards' sha256, the scan's of the index), and resumes.
+    again = ShardBatches(folder, 3, train=True, seed=SEED, **SMALL)
+    assert again.check_state(reader.state_dict(1, 4)) == (1, 4)
+    assert reader.fingerprint != scanned.fingerprint
+
+
+def test_a_stale_manifest_is_noticed(
+    converted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = Path(_copy(converted, tmp_path / "stale"))
+    shard = folder / "train-000002.tar"
+    samples = list(read_samples([str(shard)]))
+    write_shards(samples[:-1], str(tmp_path), "one-less", 10)  # a shard rewritten since
+    (tmp_path / "one-less-000000.tar").replace(shard)
+    with caplog.at_level(logging.WARNING, logger="data.loader"):
+        reader = ShardBatches(str(folder), 3, train=True, seed=SEED, **SMALL)
+    assert reader.index_source == "scan" and reader.num_samples == 39
+    [line] = [r.getMessage() for r in caplog.records if "manifest" in r.getMessage()]
+    assert "does not match the shards (train-000002.tar is" in line and "\n" not in line
+    # Sizes that match but counts that do not (a manifest edited by hand, say): found when the
+    # shard is first read, as a one-line DataError.
+    folder = Path(_copy(converted, tmp_path / "lying"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    reader = ShardBatches(str(folder), 41, train=False, seed=0, **SMALL)
+    assert reader.num_samples == 41
+    stale = r"train-000000.tar holds 7 good samples .* says 8: the manifest is stale"
+    with pytest.raises(DataError, match=stale):
+        next(reader.epoch_batches(0))
 
 
 # ---------------------------------------------------------------- lighting and views

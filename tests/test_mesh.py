@@ -19,7 +19,7 @@ def test_ranks_are_tower_fastest_and_round_trip():
     ({"towers": 3}, "towers must be one of 1, 2, got 3: the paper splits every layer across two towers"),
     ({"stages": 9}, "stages must be one of 1, 2, 3, 4, 5, 6, 7, 8, got 9: each stage holds at least one of the 8 layers"),
     ({"stages": 0}, "stages must be one of 1, .*, got 0"),
-    ({"replicas": 0}, "replicas must be one of 1, got 0"),
+    ({"replicas": 0}, "replicas must be in 1..1024, got 0"),
 ])
 def test_unsupported_mesh_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -34,6 +34,16 @@ def test_lanes_and_stage_links():
     assert mesh.stage_links() == [(0, 2), (2, 4), (1, 3), (3, 5)]
     assert Mesh(stages=2, towers=1).stage_links() == [(0, 1)]
     assert Mesh(stages=1).stage_links() == []
+
+
+def test_replica_groups_join_one_stage_and_tower_across_replicas():
+    # 2 replicas × 2 stages × 2 towers: rank = (replica · 2 + stage) · 2 + tower
+    mesh = Mesh(replicas=2, stages=2, towers=2)
+    assert mesh.world_size == 8
+    assert mesh.replica_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert mesh.lane(1, 0) == [4, 6] and mesh.tower_group(1, 1) == [6, 7]
+    assert mesh.stage_links() == [(0, 2), (1, 3), (4, 6), (5, 7)]
+    assert Mesh(replicas=3, towers=1).replica_groups() == [[0, 1, 2]]
 
 
 def test_rank_outside_the_mesh_is_refused():

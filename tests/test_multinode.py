@@ -1,0 +1,147 @@
+"""A real multi-node Ray cluster on one machine: a head with no CPUs and two worker nodes, each a
+separate `ray start` on 127.0.0.1 with its own raylet and resources. The driver's job spans them:
+one replica per node (both towers of a replica together), the same weights as the same job on one
+node; a worker node's raylet killed mid-run is survived once capacity comes back, and reported
+clearly when it does not."""
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cluster import checkpoint, localnet
+from cluster.driver import main
+from cluster.export import consolidate
+from parity import assert_rel_close
+from raytools import REPO, own_head, short_tmpdir, worker_node
+from test_resume import shard_tensors
+
+DRIVER = [sys.executable, str(REPO / "cluster" / "driver.py")]
+# A lost node is noticed in ~3 s instead of Ray's default ~30 s.
+FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",
+                      "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+STEPS = 8
+
+
+def job_args(demo, run_dir, *extra) -> list[str]:
+    """2 replicas × 2 towers of 4 images (global batch 8), a checkpoint every 2 steps."""
+    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
+            "--image-size", "64", "--resize", "72", "--batch-size", "4", "--replicas", "2", "--epochs", "2",
+            "--max-steps", str(STEPS), "--checkpoint-every", "2", "--log-every", "1", "--run-dir", str(run_dir),
+            "--placement-timeout-s", "20", "--dropout", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def single_node_run(tiny_demo, tmp_path_factory):
+    """The same job on one node (a local Ray in this process): its last checkpoint."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    assert main(job_args(tiny_demo, run_dir)) == 0
+    return run_dir / f"checkpoint-{STEPS:08d}"
+
+
+@pytest.fixture(scope="module")
+def single_node_weights(single_node_run):
+    """What every multi-node variant must reach, bit for bit."""
+    return shard_tensors(single_node_run)
+
+
+def test_two_replicas_of_four_images_train_like_one_replica_of_eight(tiny_demo, single_node_run, tmp_path):
+    """The replicas read disjoint halves of each global batch (the readers' split) and average
+    their gradients: the weights are those of one replica reading all 8 images (dropout is off;
+    tolerance: tests/parity.py). And the 2-replica checkpoint re-splits into 1 replica and goes
+    on to the same weights as the 1-replica run."""
+    def one_replica(run_dir, *extra):
+        args = job_args(tiny_demo, run_dir, "--max-steps", str(STEPS + 4), *extra)
+        args[args.index("--replicas") + 1], args[args.index("--batch-size") + 1] = "1", "8"
+        return args
+
+    assert main(one_replica(tmp_path / "one")) == 0
+    assert main(one_replica(tmp_path / "resplit", "--resume", str(single_node_run))) == 0
+    for ours, reference in ((single_node_run, tmp_path / "one" / f"checkpoint-{STEPS:08d}"),
+                            (tmp_path / "resplit" / f"checkpoint-{STEPS + 4:08d}",
+                             tmp_path / "one" / f"checkpoint-{STEPS + 4:08d}")):
+        _, ours_state = consolidate(str(ours))
+        _, reference_state = consolidate(str(reference))
+        assert ours_state.keys() == reference_state.keys()
+        for name in reference_state:
+            assert_rel_close(ours_state[name], reference_state[name], f"{ours.parent.name}: {name}")
+
+
+def run_driver(head, args, log_path):
+    with open(log_path, "w") as log:
+        return subprocess.Popen(DRIVER + args + ["--address", f"127.0.0.1:{head.gcs_port}"], cwd=REPO, env=head.env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def placement_rows(out: str) -> list[list[str]]:
+    """The rows (rank, replica, stage, tower, node, ...) of the first placement table printed."""
+    table = out.split("placement:\n", 1)[1].splitlines()
+    return [line.split() for line in table[1:5]]
+
+
+def wait_for(path, proc, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.3)
+
+
+@pytest.mark.timeout(420)
+def test_a_job_spanning_two_worker_nodes_equals_the_single_node_run(tiny_demo, single_node_weights):
+    with short_tmpdir("mn") as tmp, own_head(tmp, num_cpus=0) as head, \
+            worker_node(head, tmp, "node_a") as node_a, worker_node(head, tmp, "node_b") as node_b:
+        proc = run_driver(head, job_args(tiny_demo, tmp / "run"), tmp / "driver.log")
+        listeners = set()
+        while proc.poll() is None:  # the three nodes' and the job's sockets, while it runs
+            tree = localnet.process_tree(roots=[proc.pid], pgids=[proc.pid, head.pgid, node_a.pgid, node_b.pgid])
+            listeners.update((l.process, l.addr) for l in localnet.listening_sockets(tree))
+            time.sleep(0.5)
+        assert {process for process, _ in listeners} >= {"raylet", "gcs_server"}
+        assert all(localnet.is_loopback(addr) for _, addr in listeners), listeners
+        out = (tmp / "driver.log").read_text()
+        assert proc.returncode == 0, out[-4000:]
+        rows = placement_rows(out)
+        assert [row[:4] for row in rows] == [["0", "0", "0", "0"], ["1", "0", "0", "1"], ["2", "1", "0", "0"],
+                                             ["3", "1", "0", "1"]], out
+        nodes = [row[4] for row in rows]
+        assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], out  # towers together,
+        # replicas apart
+        assert f"done: {STEPS} steps" in out, out[-3000:]
+        weights = shard_tensors(tmp / "run" / f"checkpoint-{STEPS:08d}")
+    assert weights.keys() == single_node_weights.keys()
+    assert all(torch.equal(weights[name], single_node_weights[name]) for name in weights)
+
+
+@pytest.mark.timeout(480)
+def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_node_weights):
+    with short_tmpdir("mk") as tmp, own_head(tmp, num_cpus=0, extra_env=FAST_HEALTH_CHECKS) as head, \
+            worker_node(head, tmp, "node_a"), worker_node(head, tmp, "node_b") as node_b:
+        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--placement-timeout-s", "120"), tmp / "driver.log")
+        wait_for(tmp / "run" / "checkpoint-00000004" / checkpoint.MANIFEST, proc)
+        node_b.kill_raylet()
+        time.sleep(5)  # the mesh is down and waiting for a node
+        with worker_node(head, tmp, "node_c"):
+            proc.wait(timeout=360)
+        out = (tmp / "driver.log").read_text()
+        assert proc.returncode == 0, out[-4000:]
+        assert re.search(r"restart 1/3: \w+", out), out[-4000:]
+        assert f"done: {STEPS} steps" in out, out[-3000:]
+        weights = shard_tensors(tmp / "run" / f"checkpoint-{STEPS:08d}")
+    assert all(torch.equal(weights[name], single_node_weights[name]) for name in weights)
+
+
+@pytest.mark.timeout(420)
+def test_a_lost_worker_node_that_does_not_come_back_stops_the_run_clearly(tiny_demo):
+    with short_tmpdir("ml") as tmp, own_head(tmp, num_cpus=0, extra_env=FAST_HEALTH_CHECKS) as head, \
+            worker_node(head, tmp, "node_a"), worker_node(head, tmp, "node_b") as node_b:
+        proc = run_driver(head, job_args(tiny_demo, tmp / "run"), tmp / "driver.log")
+        wait_for(tmp / "run" / "checkpoint-00000002" / checkpoint.MANIFEST, proc)
+        node_b.kill_raylet()
+        proc.wait(timeout=300)
+        out = (tmp / "driver.log").read_text()
+    assert proc.returncode == 1, out[-4000:]
+    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 2\} on one node .* \(waited 20 s\)",
+                     out), out[-4000:]

@@ -1,0 +1,191 @@
+"""Data parallelism: R replicas × S stages × 2 towers of real Ray actors, gradients averaged by
+real gloo all-reduces (bucketed, launched during backward), train to the weights of the
+single-process reference trained on the same global batch (tolerance: tests/parity.py); the
+placement plan keeps towers together, packs stages, spreads replicas and says what is missing."""
+
+import pytest
+import ray
+import torch
+
+from cluster import localnet
+from cluster.actor_mesh import ActorMesh
+from cluster.config import ConfigError
+from cluster.mesh import Mesh
+from cluster.placement import Node, PlacementError, plan_placement
+from parity import LRS, assert_rel_close, batches, reference_run, small_config
+
+SPLIT = {1: "conv1-fc8", 2: "conv1-conv2 | conv3-fc8"}
+
+
+@pytest.fixture(scope="module")
+def meshes():
+    """One live mesh at a time (8 CPUs hold the largest, 2 × 2 × 2); `reset` gives fresh weights."""
+    restore_env = localnet.apply_loopback_env()
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address=localnet.LOOPBACK)
+    current: dict = {}
+
+    def get(**changes) -> ActorMesh:
+        key = tuple(sorted(changes.items()))
+        if key not in current:
+            for workers in current.values():
+                workers.shutdown()
+            current.clear()
+            config = small_config(stage_split=SPLIT[changes.get("stages", 1)], **changes)
+            current[key] = ActorMesh(config, localnet.loopback_env())
+        return current[key]
+
+    try:
+        yield get
+    finally:
+        for workers in current.values():
+            workers.shutdown()
+        ray.shutdown()
+        restore_env()
+
+
+def global_config(workers: ActorMesh):
+    """The single-process reference's configuration: one replica reading the global batch."""
+    config = workers.config
+    return config.replace(replicas=1, stages=1, stage_split="conv1-fc8", batch_size=config.global_batch)
+
+
+def per_replica(tensor: torch.Tensor, replicas: int) -> list[torch.Tensor]:
+    """The global batch dealt to the replicas: replica r takes rows r, r + R, r + 2R, ... (the
+    reader's round-robin; any disjoint split gives the same average)."""
+    return [tensor[r::replicas].contiguous() for r in range(replicas)]
+
+
+def train_replicas(workers: ActorMesh, microbatches: int) -> tuple[dict, list]:
+    workers.call("reset", workers.config.seed)
+    replicas = workers.mesh.replicas
+    for (images, labels, lighting), lr in zip(batches(global_config(workers), len(LRS)), LRS):
+        reports = workers.train_step(per_replica(images, replicas), per_replica(labels, replicas), lr,
+                                     per_replica(lighting, replicas), microbatches=microbatches)
+    per_rank = workers.call("named_parameters")
+    return per_rank, reports
+
+
+@pytest.mark.parametrize("replicas, stages", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_replicas_train_to_the_reference_on_the_global_batch(meshes, replicas, stages):
+    workers = meshes(replicas=replicas, stages=stages)
+    _, final = reference_run(global_config(workers))
+    for microbatches in (1, 2):
+        per_rank, reports = train_replicas(workers, microbatches)
+        for replica in range(replicas):  # every replica holds the whole network's weights
+            ranks = [rank for rank in range(workers.mesh.world_size) if workers.mesh.coord(rank).replica == replica]
+            weights = {name: w for rank in ranks for name, w in per_rank[rank].items()}
+            assert weights.keys() == final.keys()
+            for name, ref in final.items():
+                assert_rel_close(weights[name], ref, f"R={replicas} S={stages} M={microbatches} replica {replica} {name}")
+        if replicas > 1:
+            assert all(r["allreduce_bytes"] > 0 for r in reports)
+        losses = [reports[rank]["loss"] for rank in workers.loss_ranks()]
+        assert all(loss == loss for loss in losses)  # each replica's last stage reports its loss
+
+
+@pytest.mark.parametrize("changes", [dict(stages=2, bucket_mb=0.01), dict(stages=1, overlap_allreduce=False)],
+                         ids=["small-buckets", "no-overlap"])
+def test_small_buckets_and_reduction_after_backward_give_the_same_weights(meshes, changes):
+    """Many buckets (each layer's weight its own) launched in order during backward, and the
+    no-overlap baseline, both reach the reference."""
+    workers = meshes(replicas=2, **changes)
+    _, final = reference_run(global_config(workers))
+    per_rank, _ = train_replicas(workers, microbatches=2)
+    replica0 = [rank for rank in range(workers.mesh.world_size) if workers.mesh.coord(rank).replica == 0]
+    weights = {name: w for rank in replica0 for name, w in per_rank[rank].items()}
+    for name, ref in final.items():
+        assert_rel_close(weights[name], ref, f"{changes} {name}")
+
+
+def test_probe_gives_the_global_batch_gradient_and_placement_is_reported(meshes):
+    workers = meshes(replicas=2, stages=1)
+    workers.call("reset", workers.config.seed)
+    first, _ = reference_run(global_config(workers))
+    images, labels, lighting = next(batches(global_config(workers), 1))
+    reports = workers.probe(per_replica(images, 2), per_replica(labels, 2), per_replica(lighting, 2))
+    for rank in range(workers.mesh.world_size):
+        for name, grad in reports[rank]["grads"].items():
+            assert_rel_close(grad, first["grads"][name], f"rank {rank} gradient {name}")
+    table = workers.placement_table().splitlines()
+    assert table[0].split() == ["rank", "replica", "stage", "tower", "node", "address", "GPU", "pid"]
+    assert [line.split()[:4] for line in table[1:]] == [["0", "0", "0", "0"], ["1", "0", "0", "1"],
+                                                        ["2", "1", "0", "0"], ["3", "1", "0", "1"]]
+    assert all(line.split()[5] == localnet.LOOPBACK for line in table[1:])
+
+
+def test_one_input_for_a_two_replica_mesh_is_refused(meshes):
+    workers = meshes(replicas=2, stages=1)
+    images, labels, lighting = next(batches(workers.config, 1))
+    with pytest.raises(ValueError, match="the mesh has 2 replicas: pass one input per replica"):
+        workers.train_step(images, labels, 0.01, lighting)
+
+
+# --- the placement plan (pure: nodes and their free resources in, a node per (replica, stage) out)
+
+def nodes(*cpus: float, **extra) -> list[Node]:
+    return [Node(f"node{i}", f"10.0.0.{i}", {"CPU": c, **extra.get(f"node{i}", {})}) for i, c in enumerate(cpus)]
+
+
+def node_ids(plan) -> list[list[str]]:
+    return [[n.node_id for n in stages] for stages in plan]
+
+
+def test_replicas_spread_over_nodes_and_stages_pack():
+    mesh = Mesh(replicas=2, stages=2, towers=2)
+    # four 4-CPU nodes: each replica (2 stages × 2 towers × 1 CPU) packs onto one node, the two
+    # replicas onto different nodes
+    assert node_ids(plan_placement(mesh, {"CPU": 1}, nodes(4, 4, 4, 4))) == [["node0", "node0"], ["node1", "node1"]]
+    # 2-CPU nodes hold one stage (both towers) each: a replica's stages spill to a second node
+    assert node_ids(plan_placement(mesh, {"CPU": 1}, nodes(2, 2, 2, 2))) == [["node0", "node1"], ["node2", "node3"]]
+    # one big node holds everything
+    assert node_ids(plan_placement(mesh, {"CPU": 1}, nodes(8))) == [["node0", "node0"], ["node0", "node0"]]
+
+
+def test_the_two_towers_of_a_stage_never_split_across_nodes():
+    # two nodes of 1 CPU each could hold two 1-CPU actors, but not a stage's two towers together
+    with pytest.raises(PlacementError, match=r"replica 0 stage 0 needs \{CPU: 2\} on one node \(its 2 tower "
+                                             r"actor\(s\) together\) and no node has it free \(10.0.0.0 node0: "
+                                             r"\{CPU: 1\}; 10.0.0.1 node1: \{CPU: 1\}\)"):
+        plan_placement(Mesh(replicas=1, stages=1, towers=2), {"CPU": 1}, nodes(1, 1))
+
+
+def test_stage_resources_pin_stages_to_labelled_nodes():
+    cluster = nodes(4, 4, 4, node2={"bigmem": 1})
+    plan = plan_placement(Mesh(replicas=1, stages=2, towers=2), {"CPU": 1}, cluster, {1: "bigmem"})
+    assert node_ids(plan) == [["node0", "node2"]]
+    with pytest.raises(PlacementError, match=r"replica 1 stage 1 needs \{CPU: 2, bigmem: 0.01\}"):
+        plan_placement(Mesh(replicas=2, stages=2, towers=2), {"CPU": 1}, nodes(4, 4, node1={"bigmem": 0.01}),
+                       {1: "bigmem"})
+
+
+def test_bad_mesh_and_data_parallel_options_fail_before_any_actor():
+    with pytest.raises(ConfigError, match=r"replicas must be in 1..1024, got 0"):
+        small_config(replicas=0)
+    with pytest.raises(ConfigError, match="stage_resources must be STAGE=RESOURCE items with STAGE in 0..1"):
+        small_config(stages=2, stage_split="conv1-conv2 | conv3-fc8", stage_resources="2=ssd")
+    with pytest.raises(ConfigError, match="lr_scaling must be one of linear, none, got 'sqrt'"):
+        small_config(lr_scaling="sqrt")
+    config = small_config(replicas=4, batch_size=64, lr=0.01)
+    assert config.global_batch == 256 and config.scaled_lr == pytest.approx(0.02)  # 0.01 per 128 images
+    assert config.replace(lr_scaling="none").scaled_lr == 0.01
+
+
+def test_replica_readers_deal_disjoint_equal_shares_of_every_epoch(tiny_demo):
+    """Each replica reads its own share of an epoch, the same number of batches, no sample twice;
+    between them every sample but the remainder of a global batch (60 images, 3 × 8 per step)."""
+    from cluster.replica_data import ReplicaReaders
+    from data.loader import ShardBatches
+
+    readers = ReplicaReaders([ShardBatches(tiny_demo.train_pattern, 8, train=True, seed=0, resize=72, crop=64,
+                                           num_classes=10, replica=r, replicas=3) for r in range(3)])
+    assert readers.batches_per_epoch == 60 // 24
+    for epoch in (0, 1):
+        seen = []
+        for batch in readers.epoch_batches(epoch):
+            assert len(batch.images) == 3 and all(images.shape[0] == 8 for images in batch.images)
+            seen.extend(int(i) for indices in batch.indices for i in indices)
+        assert len(seen) == len(set(seen)) == 48
+    resumed = next(readers.epoch_batches(1, 1))  # a checkpoint's position: every replica from batch 1
+    straight = list(readers.epoch_batches(1))[1]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.images, straight.images))
+    assert readers.check_state(readers.state_dict(1, 1)) == (1, 1)

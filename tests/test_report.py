@@ -1,0 +1,74 @@
+"""`python -m cluster.report RUN_DIR`: PNG plots and a markdown report from a finished run's history
+(the shared monitored run of tests/monitored.py: 3 epochs, one restart); the driver writes the same
+into the run dir at the end."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cluster.history import read_history
+from cluster.report import PLOTS, time_breakdown
+from monitored import TOTAL_STEPS, monitored_run
+from raytools import REPO
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_demo):
+    return monitored_run(tmp_path_factory.mktemp("monitored"), tiny_demo)
+
+
+def assert_real_plot(path) -> None:
+    """A valid PNG of a sensible size with something drawn on it (many colours, not one flat fill)."""
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+        assert 600 <= width <= 3000 and 250 <= height <= 3000, (path, image.size)
+        pixels = np.asarray(image.convert("RGB"))
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colours > 50, (path, colours)
+    assert (pixels < 128).any(axis=2).mean() > 0.005, path  # dark ink: axes, text, lines
+
+
+def test_the_run_wrote_its_report_into_the_run_dir(run):
+    assert run.returncode == 0, run.output[-3000:]
+    report = run.run_dir / "report"
+    assert f"report: {report}" in run.output
+    for name in PLOTS:
+        assert_real_plot(report / name)
+    text = (report / "report.md").read_text()
+    assert len(re.findall(r"^\| [123] \| [\d.]+ \| [\d.]+% \| [\d.]+% \| [\d.]+ \| [\d.]+% \| [\d.]+% \|", text,
+                          re.MULTILINE)) == 3, text
+    assert f"Step {TOTAL_STEPS} of {TOTAL_STEPS}" in text and "**Restarts:** 1" in text and "nonfinite_loss" in text
+    assert all(f"![{name[:-4]}]({name})" in text for name in PLOTS)
+
+
+def test_the_report_command_writes_plots_of_a_finished_run(run, tmp_path):
+    out = tmp_path / "plots"
+    proc = subprocess.run([sys.executable, "-m", "cluster.report", str(run.run_dir), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"report: {out}"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*PLOTS, "report.md"])
+    for name in PLOTS:
+        assert_real_plot(out / name)
+
+
+def test_the_time_breakdown_covers_every_step_of_each_actor(run):
+    totals, steps = time_breakdown(read_history(str(run.run_dir)))
+    assert steps == TOTAL_STEPS  # the steps the restart made the run redo are counted once
+    assert list(totals) == [(0, 0, 0), (0, 0, 1)]
+    for phases in totals.values():
+        assert phases["compute"] > 0 and phases["exchange"] > 0 and phases["pipeline_wait"] < phases["compute"]
+
+
+def test_the_report_command_says_when_there_is_nothing_to_report(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cluster.report", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith(f"error: no metrics history in {tmp_path}") and len(proc.stderr.splitlines()) == 1

@@ -8,7 +8,7 @@
       R=1            one actor with 2 threads on 2B images: the baseline (same cores, same batch);
       R=2            two actors of 1 thread, B images each, gradients averaged by the bucketed
                      all-reduce overlapped with backward (cluster/gradsync.py);
-      R=2 no overlap the same, every bucket reduced after the backward (--no-overlap-allreduce).
+      R=2 no overlap the same, every bucket reduced after the backward (--overlap-allreduce off).
 
     Per step: wall time (median), the all-reduce's exposed seconds (`allreduce_exposed_s`, the
     slower replica) and bytes (`allreduce_bytes`), so: the ratio of R=2's images/s to R=1's, the
@@ -67,8 +67,8 @@ def measure(args) -> dict:
                        val_data="unused", towers=1, stages=1, stage_split="conv1-fc8", threads_per_worker=1)
     configs = {
         "R=1": base.replace(replicas=1, batch_size=2 * b, threads_per_worker=2),
-        "R=2": base.replace(replicas=2),
-        "R=2 no overlap": base.replace(replicas=2, overlap_allreduce=False),
+        "R=2": base.replace(replicas=2, overlap_allreduce="on"),
+        "R=2 no overlap": base.replace(replicas=2, overlap_allreduce="off"),
     }
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2 * b, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)

@@ -132,7 +132,13 @@ class TowerWorker:
         if self.replica_group is not None:
             self.sync = GradientSync(self.model.parameters(), self.replica_group, self.mesh.replicas,
                                      bucket_bytes=int(self.config.bucket_mb * 2**20),
-                                     overlap=self.config.overlap_allreduce)
+                                     overlap=self._overlap_allreduce())
+
+    def _overlap_allreduce(self) -> bool:
+        """--overlap-allreduce: `auto` overlaps on GPUs only (bench/scaling.py, docs/BENCHMARKS.md)."""
+        if self.config.overlap_allreduce == "auto":
+            return self.device.type == "cuda"
+        return self.config.overlap_allreduce == "on"
 
     def _injected_failure_step(self) -> int | None:
         """The step at which this rank must fail, if the environment asks for one (fault tests)."""

@@ -83,7 +83,8 @@ def test_replicas_train_to_the_reference_on_the_global_batch(meshes, replicas, s
         assert all(loss == loss for loss in losses)  # each replica's last stage reports its loss
 
 
-@pytest.mark.parametrize("changes", [dict(stages=2, bucket_mb=0.01), dict(stages=1, overlap_allreduce=False)],
+@pytest.mark.parametrize("changes", [dict(stages=2, bucket_mb=0.01, overlap_allreduce="on"),
+                                     dict(stages=1, overlap_allreduce="off")],
                          ids=["small-buckets", "no-overlap"])
 def test_small_buckets_and_reduction_after_backward_give_the_same_weights(meshes, changes):
     """Many buckets (each layer's weight its own) launched in order during backward, and the
@@ -163,6 +164,8 @@ def test_bad_mesh_and_data_parallel_options_fail_before_any_actor():
         small_config(replicas=0)
     with pytest.raises(ConfigError, match="stage_resources must be STAGE=RESOURCE items with STAGE in 0..1"):
         small_config(stages=2, stage_split="conv1-conv2 | conv3-fc8", stage_resources="2=ssd")
+    with pytest.raises(ConfigError, match="overlap_allreduce must be one of auto, on, off, got 'yes'"):
+        small_config(overlap_allreduce="yes")
     with pytest.raises(ConfigError, match="lr_scaling must be one of linear, none, got 'sqrt'"):
         small_config(lr_scaling="sqrt")
     config = small_config(replicas=4, batch_size=64, lr=0.01)

@@ -36,7 +36,6 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import torch  # noqa: E402
 
-from cluster import checkpoint  # noqa: E402
 from cluster.config import TrainConfig  # noqa: E402
 from cluster.pipeline import StepPlan  # noqa: E402
 from cluster.worker import TowerWorker  # noqa: E402

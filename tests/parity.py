@@ -7,8 +7,13 @@ gradient contributions in autograd, the actors in a reduce-scatter, and microbat
 gradients one at a time.
 """
 
+import contextlib
+
+import ray
 import torch
 
+from cluster import localnet
+from cluster.actor_mesh import ActorMesh
 from cluster.config import TrainConfig
 from stages.loss import cross_entropy_reference
 from stages.optim import PaperSGD, set_lr
@@ -79,3 +84,30 @@ def reference_evaluation(config: TrainConfig, images: torch.Tensor, labels: torc
     return {"loss_sum": float((losses * weights).sum()),
             "top1": float(((top5[:, 0] == labels).float() * weights).sum()),
             "top5": float(((top5 == labels[:, None]).any(dim=1).float() * weights).sum())}
+
+
+@contextlib.contextmanager
+def one_mesh_at_a_time(num_cpus: int, make_config):
+    """A local Ray on 127.0.0.1 with `num_cpus`, and `get(*args, **kwargs)`: the actor mesh of
+    `make_config(*args, **kwargs)`, reused while the arguments are the same (`reset` gives fresh
+    weights); other arguments shut the current mesh down first (the CPUs hold one)."""
+    restore_env = localnet.apply_loopback_env()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=localnet.LOOPBACK)
+    current: dict = {}
+
+    def get(*args, **kwargs) -> ActorMesh:
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in current:
+            for workers in current.values():
+                workers.shutdown()
+            current.clear()
+            current[key] = ActorMesh(make_config(*args, **kwargs), localnet.loopback_env())
+        return current[key]
+
+    try:
+        yield get
+    finally:
+        for workers in current.values():
+            workers.shutdown()
+        ray.shutdown()
+        restore_env()

@@ -7,15 +7,14 @@ import itertools
 import json
 
 import pytest
-import ray
 import torch
 
-from cluster import localnet
 from cluster.actor_mesh import ActorMesh
 from cluster.config import ConfigError
 from cluster.schedule import expected_bubble, ideal_bubble, peak_in_flight, stage_actions
 from cluster.timeline import step_summary, write_trace
-from parity import LRS, RTOL, assert_rel_close, batches, reference_evaluation, reference_run, small_config
+from parity import (LRS, RTOL, assert_rel_close, batches, one_mesh_at_a_time, reference_evaluation, reference_run,
+                    small_config)
 from stages.split import format_split, layer_costs, parse_split
 from stages.tower import LAYERS
 
@@ -27,28 +26,12 @@ SPLITS = {1: "conv1-fc8", 2: "conv1-conv2 | conv3-fc8", 3: "conv1-conv2 | conv3-
 
 @pytest.fixture(scope="module")
 def meshes():
-    """The actor mesh of a given (stages, towers), reused by consecutive tests (`reset` gives
-    fresh weights); asking for another shape shuts the current one down (6 CPUs hold one)."""
-    restore_env = localnet.apply_loopback_env()
-    ray.init(num_cpus=6, include_dashboard=False, _node_ip_address=localnet.LOOPBACK)
-    current: dict = {}
+    """The actor mesh of a given (stages, towers), one at a time (6 CPUs hold one)."""
+    def config(stages: int, towers: int = 2):
+        return small_config(stages=stages, towers=towers, stage_split=SPLITS[stages])
 
-    def get(stages: int, towers: int = 2) -> ActorMesh:
-        if (stages, towers) not in current:
-            for workers in current.values():
-                workers.shutdown()
-            current.clear()
-            config = small_config(stages=stages, towers=towers, stage_split=SPLITS[stages])
-            current[(stages, towers)] = ActorMesh(config, localnet.loopback_env())
-        return current[(stages, towers)]
-
-    try:
+    with one_mesh_at_a_time(6, config) as get:
         yield get
-    finally:
-        for workers in current.values():
-            workers.shutdown()
-        ray.shutdown()
-        restore_env()
 
 
 def test_default_split_is_the_most_balanced_one():

@@ -4,7 +4,6 @@ single-process reference trained on the same global batch (tolerance: tests/pari
 placement plan keeps towers together, packs stages, spreads replicas and says what is missing."""
 
 import pytest
-import ray
 import torch
 
 from cluster import localnet
@@ -12,7 +11,7 @@ from cluster.actor_mesh import ActorMesh
 from cluster.config import ConfigError
 from cluster.mesh import Mesh
 from cluster.placement import Node, PlacementError, plan_placement
-from parity import LRS, assert_rel_close, batches, reference_run, small_config
+from parity import LRS, assert_rel_close, batches, one_mesh_at_a_time, reference_run, small_config
 
 SPLIT = {1: "conv1-fc8", 2: "conv1-conv2 | conv3-fc8"}
 
@@ -20,27 +19,9 @@ SPLIT = {1: "conv1-fc8", 2: "conv1-conv2 | conv3-fc8"}
 @pytest.fixture(scope="module")
 def meshes():
     """One live mesh at a time (8 CPUs hold the largest, 2 × 2 × 2); `reset` gives fresh weights."""
-    restore_env = localnet.apply_loopback_env()
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address=localnet.LOOPBACK)
-    current: dict = {}
-
-    def get(**changes) -> ActorMesh:
-        key = tuple(sorted(changes.items()))
-        if key not in current:
-            for workers in current.values():
-                workers.shutdown()
-            current.clear()
-            config = small_config(stage_split=SPLIT[changes.get("stages", 1)], **changes)
-            current[key] = ActorMesh(config, localnet.loopback_env())
-        return current[key]
-
-    try:
+    with one_mesh_at_a_time(8, lambda **changes: small_config(stage_split=SPLIT[changes.get("stages", 1)],
+                                                              **changes)) as get:
         yield get
-    finally:
-        for workers in current.values():
-            workers.shutdown()
-        ray.shutdown()
-        restore_env()
 
 
 def global_config(workers: ActorMesh):

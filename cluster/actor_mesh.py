@@ -138,10 +138,6 @@ class ActorMesh:
             refs.append(getattr(actor, method).remote(plan, **inputs))
         return self._gather(refs)
 
-    def loss_ranks(self) -> list[int]:
-        """The rank reporting each replica's loss and scores: its last stage, tower 0."""
-        return [self.mesh.lane(r, 0)[-1] for r in range(self.mesh.replicas)]
-
     def train_step(self, images, labels, lr: float, lighting=None, **plan) -> list[dict]:
         """One optimizer step on every actor; the reports in rank order."""
         return self._step("train_step", self.plan("train", lr, **plan), {"images": images, "lighting": lighting},
@@ -158,7 +154,7 @@ class ActorMesh:
         the same)."""
         results = self._step("evaluate", self.plan("eval", **plan), {"images": images},
                              {"labels": labels, "weights": weights})
-        scores = [results[rank] for rank in self.loss_ranks()]
+        scores = [results[rank] for rank in self.mesh.loss_ranks()]
         return {key: sum(score[key] for score in scores) for key in scores[0]}
 
     @staticmethod

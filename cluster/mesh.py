@@ -81,6 +81,10 @@ class Mesh:
         """Ranks of one (replica, tower)'s stages, first to last: where activations flow."""
         return [self.rank(Coord(replica, stage, tower)) for stage in range(self.stages)]
 
+    def loss_ranks(self) -> list[int]:
+        """The rank reporting each replica's loss and scores: its last stage, tower 0."""
+        return [self.lane(replica, 0)[-1] for replica in range(self.replicas)]
+
     def stage_links(self) -> list[tuple[int, int]]:
         """(stage s rank, stage s + 1 rank) for every boundary of every lane, in one fixed order
         (every rank must create the groups in the same order)."""

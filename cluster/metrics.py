@@ -330,7 +330,7 @@ class RunMetrics(Metrics):
         self._last_time = now
         self._step, self._epoch, self._lr = step, epoch, lr
         coords = [self.mesh.coord(r["rank"]) for r in results]
-        heads = [r for c, r in zip(coords, results) if c.stage == self.mesh.stages - 1 and c.tower == 0]
+        heads = [results[rank] for rank in self.mesh.loss_ranks()]  # results are in rank order
         images = sum(r["images"] for r in heads)  # every replica's batch
         loss = sum(r["loss"] for r in heads) / len(heads)
         hits = None

@@ -15,8 +15,8 @@ from cluster import checkpoint, storage
 from cluster.config import TrainConfig
 from cluster.metrics import Metrics
 from cluster.progress import Progress, format_duration
+from cluster.replica_data import ReplicaReaders
 from cluster.timeline import format_summary, step_summary, write_trace
-from data.loader import ShardBatches
 from stages.optim import MilestoneSchedule, PlateauSchedule
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def replica_total(results: list[dict], ranks: list[int], key: str) -> float | No
     return None if values[0] is None else sum(values)
 
 
-def evaluate(workers, loader: ShardBatches) -> tuple[float, float, float]:
+def evaluate(workers, loader: ReplicaReaders) -> tuple[float, float, float]:
     """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crop, or the
     ten views with --eval-views 10; padding rows weigh 0)."""
     totals = {"loss_sum": 0.0, "top1": 0, "top5": 0, "images": 0}
@@ -145,13 +145,13 @@ class Start:
     reshape: bool = False  # saved by a mesh of another shape: gather the network and re-split it
 
 
-def total_steps(config: TrainConfig, train_data: ShardBatches) -> int:
+def total_steps(config: TrainConfig, train_data: ReplicaReaders) -> int:
     """Optimizer steps of the whole run: every epoch's batches, or --max-steps if fewer."""
     total = config.epochs * train_data.batches_per_epoch
     return min(total, config.max_steps) if config.max_steps else total
 
 
-def resume_point(directory: str, manifest: dict, train_data: ShardBatches) -> Start:
+def resume_point(directory: str, manifest: dict, train_data: ReplicaReaders) -> Start:
     """The Start a checkpoint's manifest describes, its reader position checked against ours."""
     epoch, next_batch = train_data.check_state(manifest[checkpoint.KEY_LOADER])
     return Start(manifest[checkpoint.KEY_STEP], epoch, next_batch, manifest[checkpoint.KEY_TRAINER], directory)
@@ -166,7 +166,7 @@ class Checkpointer:
     stall only if they are not done) and writes the manifest. Until then the checkpoint is
     incomplete and a resume takes the one before."""
 
-    def __init__(self, config: TrainConfig, workers, train_data: ShardBatches, print_fn, metrics: Metrics = Metrics()):
+    def __init__(self, config: TrainConfig, workers, train_data: ReplicaReaders, print_fn, metrics: Metrics = Metrics()):
         self.config, self.workers, self.train_data, self.print_fn = config, workers, train_data, print_fn
         self.metrics = metrics
         self.last_step = -1
@@ -207,7 +207,7 @@ class Checkpointer:
         self.metrics.checkpoint(manifest["step"], stall, time.perf_counter() - began, entries)
 
 
-def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: ShardBatches,
+def train(config: TrainConfig, workers, train_data: ReplicaReaders, val_data: ReplicaReaders,
           print_fn=print, start: Start | None = None, metrics: Metrics = Metrics()) -> TrainResult:
     start = start or Start()
     schedule = make_schedule(config)
@@ -225,7 +225,7 @@ def train(config: TrainConfig, workers, train_data: ShardBatches, val_data: Shar
              f"{config.batch_size} images in {config.microbatches} microbatch(es) on {config.mesh.describe()}"
              + (f", {config.schedule} schedule" if config.stages > 1 else "")
              + (f"; resuming at step {start.step} (epoch {start.epoch + 1}, batch {start.next_batch})" if start.step else ""))
-    loss_ranks = workers.loss_ranks()  # each replica's last stage holds its loss
+    loss_ranks = config.mesh.loss_ranks()  # each replica's last stage holds its loss
     for epoch in range(start.epoch, config.epochs):
         if epoch != start.epoch:
             batch_index, loss_sum = 0, 0.0

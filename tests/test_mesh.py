@@ -44,6 +44,7 @@ def test_replica_groups_join_one_stage_and_tower_across_replicas():
     assert mesh.lane(1, 0) == [4, 6] and mesh.tower_group(1, 1) == [6, 7]
     assert mesh.stage_links() == [(0, 2), (1, 3), (4, 6), (5, 7)]
     assert Mesh(replicas=3, towers=1).replica_groups() == [[0, 1, 2]]
+    assert mesh.loss_ranks() == [2, 6]  # each replica's last stage, tower 0
 
 
 def test_rank_outside_the_mesh_is_refused():

@@ -93,11 +93,10 @@ def open_data(config: TrainConfig) -> tuple[ReplicaReaders, ReplicaReaders]:
                   max_bad_fraction=config.max_bad_fraction, num_threads=config.loader_threads,
                   replicas=config.replicas)
     lighting = config.variant if config.pca_lighting else None
-    train_data = ReplicaReaders([ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting,
-                                              replica=r, **common) for r in range(config.replicas)])
-    val_data = ReplicaReaders([ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views,
-                                            replica=r, **common) for r in range(config.replicas)])
-    return train_data, val_data
+    train = ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting, **common)
+    val = ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views, **common)
+    return (ReplicaReaders([train.for_replica(r) for r in range(config.replicas)]),
+            ReplicaReaders([val.for_replica(r) for r in range(config.replicas)]))
 
 
 def find_start(config: TrainConfig, train_data: ReplicaReaders) -> Start:

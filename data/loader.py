@@ -96,6 +96,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tarfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -489,6 +490,16 @@ class ShardBatches:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._init_runtime()
+
+    def for_replica(self, replica: int) -> "ShardBatches":
+        """The reader of another replica of the same ``replicas``: the index is copied, not built
+        again (a scan reads every shard's headers)."""
+        _check_int("replica", replica, 0)
+        if replica >= self.replicas:
+            raise ValueError(f"replica must be in [0, replicas={self.replicas}), got {replica}")
+        other = pickle.loads(pickle.dumps(self))
+        other.replica = replica
+        return other
 
     def close(self) -> None:
         """Close the open shard files (reading again reopens them)."""

@@ -60,7 +60,7 @@ def test_replicas_train_to_the_reference_on_the_global_batch(meshes, replicas, s
                 assert_rel_close(weights[name], ref, f"R={replicas} S={stages} M={microbatches} replica {replica} {name}")
         if replicas > 1:
             assert all(r["allreduce_bytes"] > 0 for r in reports)
-        losses = [reports[rank]["loss"] for rank in workers.loss_ranks()]
+        losses = [reports[rank]["loss"] for rank in workers.mesh.loss_ranks()]
         assert all(loss == loss for loss in losses)  # each replica's last stage reports its loss
 
 
@@ -160,9 +160,14 @@ def test_replica_readers_deal_disjoint_equal_shares_of_every_epoch(tiny_demo):
     from cluster.replica_data import ReplicaReaders
     from data.loader import ShardBatches
 
-    readers = ReplicaReaders([ShardBatches(tiny_demo.train_pattern, 8, train=True, seed=0, resize=72, crop=64,
-                                           num_classes=10, replica=r, replicas=3) for r in range(3)])
+    settings = dict(train=True, seed=0, resize=72, crop=64, num_classes=10, replicas=3)
+    first = ShardBatches(tiny_demo.train_pattern, 8, **settings)
+    readers = ReplicaReaders([first.for_replica(r) for r in range(3)])  # the index built once
     assert readers.batches_per_epoch == 60 // 24
+    built = ShardBatches(tiny_demo.train_pattern, 8, replica=2, **settings)  # the same as building replica 2's
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+               for a, b in zip(readers.readers[2].epoch_batches(0), built.epoch_batches(0)))
+    assert readers.readers[2].state_dict(0, 1) == built.state_dict(0, 1)
     for epoch in (0, 1):
         seen = []
         for batch in readers.epoch_batches(epoch):

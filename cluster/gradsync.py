@@ -26,8 +26,8 @@ DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
 class _Bucket:
     def __init__(self, params: list[Tensor]):
         self.params = params
-        self.numel = sum(p.numel() for p in params)
-        self.pending = len(params)
+        self.numel = sum(p.numel() for p in params)  # the bucket's size (the scaling model's check)
+        self.pending = len(params)  # gradients not final yet
         self.buffer: Tensor | None = None
         self.work = None
 
@@ -52,16 +52,12 @@ class GradientSync:
             self.buckets.append(_Bucket(current))
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._hooks = [p.register_post_accumulate_grad_hook(self._accumulated) for p in params]
-        self.microbatches = 0
-        self._counts: dict[int, int] = {}
-        self._next = 0
-        self.exposed_s = 0.0
-        self.bytes = 0
+        self.start(0)  # disarmed until a step starts: backward passes outside a step launch nothing
 
     def start(self, microbatches: int) -> None:
         """Arm for one step whose gradients accumulate `microbatches` backward passes."""
         self.microbatches = microbatches
-        self._counts = {}
+        self._counts: dict[int, int] = {}
         self._next = 0
         self.exposed_s = 0.0
         self.bytes = 0

@@ -123,8 +123,8 @@ class TrainConfig:
         if self.batch_size % self.microbatches:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by microbatches "
                               f"{self.microbatches}: allowed microbatches are divisors of the batch")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        self._check_choice(schedule=SCHEDULES, lr_schedule=LR_SCHEDULES, lr_scaling=LR_SCALINGS,
+                           overlap_allreduce=OVERLAP_CHOICES)
         if self.eval_views not in (1, 10):
             raise ConfigError(f"eval_views must be 1 or 10, got {self.eval_views}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -132,15 +132,8 @@ class TrainConfig:
         if self.resize < self.image_size:
             raise ConfigError(f"resize {self.resize} must be at least image_size {self.image_size}")
         self.metrics_endpoint  # validates metrics_addr
-        if self.lr_scaling not in LR_SCALINGS:
-            raise ConfigError(f"lr_scaling must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
-        if self.overlap_allreduce not in OVERLAP_CHOICES:
-            raise ConfigError(f"overlap_allreduce must be one of {', '.join(OVERLAP_CHOICES)}, "
-                              f"got {self.overlap_allreduce!r}")
         if self.bucket_mb <= 0:
             raise ConfigError(f"bucket_mb must be > 0, got {self.bucket_mb}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m <= 0 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones must be increasing positive epochs, got {self.lr_milestones}")
         for name in ("train_data", "val_data"):
@@ -161,6 +154,11 @@ class TrainConfig:
         for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def _check_choice(self, **allowed: tuple[str, ...]) -> None:
+        for name, choices in allowed.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
     def _check_non_negative(self, *names: str) -> None:
         for name in names:

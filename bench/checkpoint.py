@@ -20,6 +20,8 @@ under the run's working directory, on the same disk as `runs/`):
 Medians of `--repeats`. Run from the repository root, alone on the machine (about 2 minutes):
 
     .venv/bin/python bench/checkpoint.py [--repeats 3] [--batch-size 16] [--dir DIR] [--json PATH]
+
+`--quick` is a smoke run of every part on a small network (the suite runs it).
 """
 
 import argparse
@@ -37,8 +39,8 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import torch  # noqa: E402
 
 from cluster.config import TrainConfig  # noqa: E402
-from cluster.pipeline import StepPlan  # noqa: E402
-from cluster.worker import TowerWorker  # noqa: E402
+from cluster.rank.pipeline import StepPlan  # noqa: E402
+from cluster.rank.worker import TowerWorker  # noqa: E402
 
 MB = 1e6
 
@@ -64,15 +66,20 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dir", default="", help="where the shards are written (default: a temporary directory here)")
     parser.add_argument("--json", default="")
+    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite: a 63×63, 10-class "
+                                                              "network (a few MB), batch 2, one repeat")
     args = parser.parse_args(argv)
+    size, classes = 224, 1000
+    if args.quick:
+        args.repeats, args.batch_size, size, classes = 1, 2, 63, 10
     root = tempfile.mkdtemp(prefix="bench-checkpoint-", dir=args.dir or os.getcwd())
-    config = TrainConfig(recipe="bench", num_classes=1000, image_size=224, resize=256, batch_size=args.batch_size,
+    config = TrainConfig(recipe="bench", num_classes=classes, image_size=size, resize=size, batch_size=args.batch_size,
                          towers=1, train_data="unused", val_data="unused", threads_per_worker=1)
     worker = TowerWorker(config, rank=0)
     params = sum(p.numel() for p in worker.model.parameters())
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch_size, 3, 224, 224), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, 1000, (args.batch_size,), generator=g)
+    images = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, classes, (args.batch_size,), generator=g)
     plan = StepPlan("train", microbatches=1, rows=args.batch_size, lr=0.001)
 
     def step() -> float:

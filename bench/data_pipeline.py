@@ -499,7 +499,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"{_DEFAULT_CACHE}>/bench-corpus-v{CORPUS_VERSION}-n<images>-q<quality>-seed0)")
     parser.add_argument("--cpu", type=int, default=0, help="the core to pin the benchmark to (0)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
+    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite: 32 images, batch 16, "
+                                                              "one pass, no warm-up")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.images, args.batch_size, args.passes, args.warmup = 32, 16, 1, 0
     for name in ("images", "passes", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

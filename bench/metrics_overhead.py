@@ -17,6 +17,8 @@ median of each mode and on/off (the issue's target: a cost under 1%). Run from t
 root, alone on the machine:
 
     .venv/bin/python bench/metrics_overhead.py [--steps 40] [--rounds 3] [--json PATH] [DRIVER FLAGS...]
+
+`--quick` is a smoke run (the suite runs it on tiny data).
 """
 
 import argparse
@@ -33,9 +35,9 @@ import urllib.request
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cluster.actor_mesh import ActorMesh  # noqa: E402
+from cluster.launch.actor_mesh import ActorMesh  # noqa: E402
 from cluster.driver import open_data, parse_args, ray_session, resolve_config  # noqa: E402
-from cluster.metrics import Metrics, RunMetrics  # noqa: E402
+from cluster.telemetry.metrics import Metrics, RunMetrics  # noqa: E402
 from cluster.trainer import Start, total_steps, train  # noqa: E402
 
 
@@ -62,7 +64,7 @@ def scrape_every_second(url: str, stop: threading.Event) -> None:
 
 def one_run(config, mesh: ActorMesh, train_data, val_data, monitored: bool) -> float:
     """Train config.max_steps steps from fresh weights; the loop's images/s over steps 2..N."""
-    mesh.call("reset", config.seed)
+    mesh.reset(config.seed)
     timed = TimedMesh(mesh)
     stop = threading.Event()
     metrics = Metrics()
@@ -84,7 +86,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="steps of each run")
     parser.add_argument("--rounds", type=int, default=3, help="pairs of runs (off and on, order alternating)")
     parser.add_argument("--json", default="", help="also write the numbers to this file")
+    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite: one round of 3 steps "
+                                                              "(give small data with the driver flags)")
     args, driver_flags = parser.parse_known_args(argv)
+    if args.quick:
+        args.steps, args.rounds = 3, 1
     root = tempfile.mkdtemp(prefix="bench-metrics-", dir=os.getcwd())
     base = resolve_config(parse_args(driver_flags)).replace(max_steps=args.steps, metrics_addr="127.0.0.1:0",
                                                             report=False, keep_checkpoints=1,
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
     print(f"{args.rounds} round(s) of {args.steps} steps, {base.global_batch} images a step, {base.mesh.describe()}",
           flush=True)
     try:
-        with ray_session(base) as env:
+        with ray_session(base.address, base.mesh.world_size * base.threads_per_worker) as env:
             mesh = ActorMesh(base, env)
             try:
                 for i in range(args.rounds):

@@ -10,9 +10,9 @@ and prints, per M:
     theory    the ideal bubble (S − 1) / (M + S − 1) of equal stages;
     measured  the mean over actors of each actor's idle share of the step (from the actors' own
               timelines: time not spent in a forward or backward between the first actor's
-              start and the last actor's flush; cluster/timeline.py), averaged over the steps;
+              start and the last actor's flush; cluster/telemetry/timeline.py), averaged over the steps;
     expected  the bubble the measured per-stage forward and backward times predict for that
-              schedule with free links (cluster/schedule.py `expected_bubble`): between it and
+              schedule with free links (cluster/plan/schedule.py `expected_bubble`): between it and
               `theory` is stage imbalance, between it and `measured` transfer and scheduling
               overhead;
     img/s     training images per second of the pipeline and of the reference (full batch, two
@@ -29,7 +29,7 @@ machine (about 5 minutes at the defaults on this 2-core VM):
         [--steps 3] [--warmup 1] [--schedules 1f1b gpipe] [--split "conv1-conv3 | conv4-fc8"] [--json PATH]
         [--trace-dir DIR]
 
-A quick smoke test: `--image-size 63 --batch-size 16 --steps 1`.
+`--quick` is a smoke run of every part (the suite runs it; its numbers mean nothing).
 """
 
 import argparse
@@ -46,11 +46,11 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from cluster import localnet  # noqa: E402
-from cluster.actor_mesh import ActorMesh  # noqa: E402
+from cluster.launch import localnet  # noqa: E402
+from cluster.launch.actor_mesh import ActorMesh  # noqa: E402
 from cluster.config import TrainConfig  # noqa: E402
-from cluster.schedule import expected_bubble, ideal_bubble  # noqa: E402
-from cluster.timeline import step_summary, write_trace  # noqa: E402
+from cluster.plan.schedule import expected_bubble, ideal_bubble  # noqa: E402
+from cluster.telemetry.timeline import step_summary, write_trace  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
 from stages.loss import cross_entropy_reference  # noqa: E402
 from stages.optim import PaperSGD  # noqa: E402
@@ -101,13 +101,13 @@ def run_pipeline(workers: ActorMesh, images, labels, schedule: str, m: int, warm
         if i < warmup:
             continue
         seconds.append(elapsed)
-        bubbles.append(step_summary(reports)["bubble"])
+        bubbles.append(step_summary(reports).bubble)
         for r in reports:  # one microbatch's forward, backward on this stage
-            forward[r["stage"]].append(sum(e - b for kind, _, b, e in r["events"] if kind == "F") / m)
-            backward[r["stage"]].append(sum(e - b for kind, _, b, e in r["events"] if kind == "B") / m)
-            peak = peaks.setdefault(r["stage"], [0, 0])
-            peak[0] = max(peak[0], r["peak_activation_bytes"])
-            peak[1] = max(peak[1], r["peak_in_flight"])
+            forward[r.stage].append(sum(e - b for kind, _, b, e in r.events if kind == "F") / m)
+            backward[r.stage].append(sum(e - b for kind, _, b, e in r.events if kind == "B") / m)
+            peak = peaks.setdefault(r.stage, [0, 0])
+            peak[0] = max(peak[0], r.peak_activation_bytes)
+            peak[1] = max(peak[1], r.peak_in_flight)
     f = [statistics.median(forward[s]) for s in range(STAGES)]
     b = [statistics.median(backward[s]) for s in range(STAGES)]
     if trace:
@@ -135,7 +135,13 @@ def parse_args(argv):
     parser.add_argument("--split", default="", help="stage table; default: balanced by measured layer times")
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--trace-dir", default="", help="write each (schedule, M)'s last step as Chrome-trace JSON here")
-    return parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite: batch 8 at 63×63, "
+                                                              "10 classes, M = 2, one timed step")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.image_size, args.num_classes, args.microbatches = 8, 63, 10, [2]
+        args.steps, args.warmup = 1, 0
+    return args
 
 
 def main(argv=None) -> int:

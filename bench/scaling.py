@@ -1,5 +1,5 @@
 """Scaling benchmark: what data parallelism costs here, measured, and what the scaling model
-(cluster/scaling.py, docs/SCALING.md) predicts for GPU clusters.
+(cluster/plan/scaling.py, docs/SCALING.md) predicts for GPU clusters.
 
 (a) Measured on this machine, in one run, with the repetitions interleaved. Three meshes of the
     paper's network (both towers in each actor, towers = 1; one stage), each on the same cores and
@@ -7,7 +7,7 @@
 
       R=1            one actor with 2 threads on 2B images: the baseline (same cores, same batch);
       R=2            two actors of 1 thread, B images each, gradients averaged by the bucketed
-                     all-reduce overlapped with backward (cluster/gradsync.py);
+                     all-reduce overlapped with backward (cluster/rank/gradsync.py);
       R=2 no overlap the same, every bucket reduced after the backward (--overlap-allreduce off).
 
     Per step: wall time (median), the all-reduce's exposed seconds (`allreduce_exposed_s`, the
@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import torch  # noqa: E402
 
-from cluster import scaling as sc  # noqa: E402
+from cluster.plan import scaling as sc  # noqa: E402
 from stages.split import layer_times  # noqa: E402
 from stages.tower import LAYERS  # noqa: E402
 
@@ -57,8 +57,8 @@ FOCUS = (32, 4)  # 8 GPUs/node × 4 nodes
 def measure(args) -> dict:
     import ray
 
-    from cluster import localnet
-    from cluster.actor_mesh import ActorMesh
+    from cluster.launch import localnet
+    from cluster.launch.actor_mesh import ActorMesh
     from cluster.config import TrainConfig
 
     b = args.batch_size
@@ -100,9 +100,9 @@ def measure(args) -> dict:
                         continue
                     row = rows[name]
                     row["step_s"].append(elapsed)
-                    row["exposed_s"].append(max(r["allreduce_exposed_s"] for r in reports))
-                    row["bytes"] = max(r["allreduce_bytes"] for r in reports)
-                    row["compute_s"].append(max(r["compute_s"] for r in reports))
+                    row["exposed_s"].append(max(r.allreduce_exposed_s for r in reports))
+                    row["bytes"] = max(r.allreduce_bytes for r in reports)
+                    row["compute_s"].append(max(r.compute_s for r in reports))
                 print(f"  round {i + 1}/{args.warmup + args.steps} done", flush=True)
         finally:
             for workers in meshes.values():

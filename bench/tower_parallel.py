@@ -11,7 +11,7 @@ result is a ratio against a baseline measured alongside it):
 3. two-actor: `TowerWorker` with towers=2, one thread each, exchanging activations through gloo.
    Both configurations run `train_step` (input normalisation, `PaperSGD`, cross-entropy, dropout
    0.5) on the same fixed random uint8 batch: `--warmup` untimed steps, then `--steps` timed
-   ones. img/s = batch / MEDIAN driver wall time of a timed `workers.call("train_step", ...)`.
+   ones. img/s = batch / MEDIAN driver wall time of a timed `workers.train_step(...)`.
    exchange share (two-actor) = Σ exchange_seconds / Σ seconds over the timed steps of both
    ranks, as the workers report them.
 4. training FLOPs: forward FLOPs of one image through the reference network, counted with
@@ -29,7 +29,7 @@ Run from the repository root, alone on the machine (a full-size run takes minute
     .venv/bin/python bench/tower_parallel.py [--batch-size 128] [--image-size 224] [--steps 3]
         [--warmup 1] [--allocator {system,jemalloc,both}] [--no-channels-last] [--json PATH]
 
-A quick smoke test: `--batch-size 8 --image-size 64 --steps 2 --matmul-size 1024`.
+`--quick` is a smoke run of every part (the suite runs it; its numbers mean nothing).
 """
 
 import argparse
@@ -48,8 +48,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from cluster import localnet  # noqa: E402
-from cluster.actor_mesh import ActorMesh  # noqa: E402
+from cluster.launch import localnet  # noqa: E402
+from cluster.launch.actor_mesh import ActorMesh  # noqa: E402
 from cluster.config import TrainConfig  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
 from stages.loss import cross_entropy_reference  # noqa: E402
@@ -192,7 +192,7 @@ def timed_steps(workers: ActorMesh, config: TrainConfig, warmup: int, steps: int
     walls, reports = [], []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        results = workers.call("train_step", images, labels, config.lr)
+        results = workers.train_step(images, labels, config.lr)
         if step >= warmup:
             walls.append(time.perf_counter() - start)
             reports.append(results)
@@ -207,8 +207,8 @@ def run_layout(args: argparse.Namespace, layout: Layout, env_vars: dict, allocat
         walls, reports = timed_steps(workers, config, args.warmup, args.steps)
     finally:
         workers.shutdown()
-    seconds = sum(r["seconds"] for step in reports for r in step)
-    exchange = sum(r["exchange_seconds"] for step in reports for r in step)
+    seconds = sum(r.seconds for step in reports for r in step)
+    exchange = sum(r.exchange_s for step in reports for r in step)
     return {"config": layout.name, "allocator": allocator, "towers": layout.towers,
             "threads_per_worker": layout.threads_per_worker, "step_seconds": walls,
             "images_per_second": config.batch_size / statistics.median(walls),
@@ -250,7 +250,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=4096, help="side of the matmul's matrices (4096)")
     parser.add_argument("--matmul-reps", type=int, default=5, help=f"timed matmuls after {MATMUL_WARMUP} warm-up (5)")
     parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
+    parser.add_argument("--quick", action="store_true", help="a smoke run for the test suite: batch 8 at 64×64, "
+                                                              "1 timed step, a 512² matmul, system malloc")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.image_size, args.steps, args.warmup = 8, 64, 1, 1
+        args.matmul_size, args.matmul_reps, args.allocator = 512, 1, args.allocator or "system"
     for name in ("batch_size", "steps", "matmul_size", "matmul_reps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

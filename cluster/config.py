@@ -8,10 +8,11 @@ what is allowed.
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
-from cluster.mesh import Mesh
-from cluster.schedule import SCHEDULES
+from cluster.plan.mesh import Mesh
+from cluster.plan.schedule import SCHEDULES
 from stages.config import ModelConfig
 from stages.split import BALANCE, Split, format_split, resolve_split
 
@@ -24,6 +25,26 @@ METRICS_PORT = 9408  # the driver's Prometheus port (none of Ray's: 6379, 8265, 
 
 class ConfigError(ValueError):
     """An invalid option; its message is one line that names the option and what is allowed."""
+
+
+# Every float option's allowed range: (low, high, low included, high included). Each must also be
+# finite (NaN passes no comparison, so it would slip through a bare `< 0` check).
+FLOAT_RANGES = {
+    "dropout": (0.0, 1.0, True, False),
+    "bucket_mb": (0.0, math.inf, False, False),
+    "max_bad_fraction": (0.0, 1.0, True, True),
+    "lr": (0.0, math.inf, True, False),
+    "momentum": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "collective_timeout_s": (0.0, math.inf, False, False),
+    "placement_timeout_s": (0.0, math.inf, False, False),
+}
+
+
+def _range_text(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    if high == math.inf:
+        return f"a finite number {'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
 
 
 def _opt(default, help: str, **kw):
@@ -43,7 +64,7 @@ class TrainConfig:
     lrn_impl: str = _opt("fast", "`fast` (exact, hand-written backward) or `torch` (nn.LocalResponseNorm)")
     channels_last: bool = _opt(True, "run convolutions in channels_last memory format")
 
-    # --- mesh (cluster/mesh.py)
+    # --- mesh (cluster/plan/mesh.py)
     replicas: int = _opt(1, "data-parallel replicas of the two-tower network; each reads its own batch_size "
                             "images a step and the replicas average their gradients")
     bucket_mb: float = _opt(25.0, "size of the gradient buckets all-reduced across replicas while backward runs (MiB)")
@@ -113,11 +134,10 @@ class TrainConfig:
                               "(`python -m cluster.report RUN_DIR` does it any time)")
 
     def __post_init__(self):
+        self._check_floats()
         self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "loader_threads", "batch_size",
-                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step", "lr_batch",
-                             "collective_timeout_s", "placement_timeout_s")
-        self._check_non_negative("max_steps", "lr", "momentum", "weight_decay", "lr_max_drops", "checkpoint_every",
-                                 "max_restarts", "keep_every")
+                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step", "lr_batch")
+        self._check_non_negative("max_steps", "lr_max_drops", "checkpoint_every", "max_restarts", "keep_every")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
         if self.batch_size % self.microbatches:
@@ -127,13 +147,9 @@ class TrainConfig:
                            overlap_allreduce=OVERLAP_CHOICES)
         if self.eval_views not in (1, 10):
             raise ConfigError(f"eval_views must be 1 or 10, got {self.eval_views}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ConfigError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.resize < self.image_size:
             raise ConfigError(f"resize {self.resize} must be at least image_size {self.image_size}")
         self.metrics_endpoint  # validates metrics_addr
-        if self.bucket_mb <= 0:
-            raise ConfigError(f"bucket_mb must be > 0, got {self.bucket_mb}")
         if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m <= 0 for m in self.lr_milestones):
             raise ConfigError(f"lr_milestones must be increasing positive epochs, got {self.lr_milestones}")
         for name in ("train_data", "val_data"):
@@ -149,6 +165,13 @@ class TrainConfig:
                 self.split
             except ValueError as err:
                 raise ConfigError(f"stage_split: {err}") from None
+
+    def _check_floats(self) -> None:
+        for name, (low, high, low_in, high_in) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value)
+                    and (low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
+                raise ConfigError(f"{name} must be {_range_text(low, high, low_in, high_in)}, got {value!r}")
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -235,22 +258,32 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per TrainConfig field, defaulting to "not given" so the recipe's value stands."""
+def _shown(value) -> str:
+    """A field's value as a person types it on the command line."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return repr(value) if value == "" else str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser, recipe: TrainConfig | None = None) -> None:
+    """One `--flag` per TrainConfig field, defaulting to "not given" so the recipe's value stands;
+    each help line ends with that value in `recipe` (the one --recipe names)."""
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = f.type if isinstance(f.type, type) else type(f.default)
         if f.name == "recipe":
             continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, type) else type(f.default)
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if recipe is not None:
+            text += f" ({recipe.recipe}: {_shown(getattr(recipe, f.name)).replace('%', '%%')})"
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=f.metadata["help"])
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind is tuple:
-            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None,
-                                help=f.metadata["help"])
+            parser.add_argument(flag, dest=f.name, type=int, nargs="+", default=None, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None,
-                                help=f"{f.metadata['help']} (recipe default: see --show-config)")
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
 
 
 def overrides(args: argparse.Namespace) -> dict:

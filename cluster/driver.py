@@ -8,30 +8,27 @@ Exit status: 0 done, 1 the run failed (an actor's error, with its traceback), 2 
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
-import uuid
 
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ray  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from cluster import checkpoint, localnet, storage  # noqa: E402
-from cluster.actor_mesh import ActorMesh, PlacementError  # noqa: E402
-from cluster.checkpoint import CheckpointError  # noqa: E402
+from cluster.ckpt import checkpoint, reach, storage  # noqa: E402
+from cluster.ckpt.checkpoint import CheckpointError  # noqa: E402
+from cluster.ckpt.consolidate import consolidate_with_momentum  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
-from cluster.export import consolidate_with_momentum  # noqa: E402
-from cluster.metrics import Metrics, RunMetrics  # noqa: E402
+from cluster.launch.actor_mesh import ActorMesh, PlacementError  # noqa: E402
+from cluster.launch.session import failure_cause, ray_session, restart_cause, restartable  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
 from cluster.replica_data import ReplicaReaders  # noqa: E402
+from cluster.telemetry.metrics import Metrics, RunMetrics  # noqa: E402
 from cluster.trainer import NonFiniteLoss, Start, TrainResult, resume_point, total_steps, train  # noqa: E402
-from cluster.worker import STORAGE_CHECK  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
 from data.loader import DataError, ShardBatches  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
@@ -41,18 +38,24 @@ log = logging.getLogger("cluster.driver")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line. `--help` shows each flag's value in the recipe given with it (demo by
+    default), which is what the run uses unless the flag is given."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--recipe", default="demo")
+    recipe = RECIPES.get(first.parse_known_args(argv)[0].recipe, RECIPES["demo"])()  # unknown: refused later
     parser = argparse.ArgumentParser(
         prog="cluster/driver.py",
-        description="Train the two-tower AlexNet (Krizhevsky et al., 2012) on a Ray cluster.")
+        description="Train the two-tower AlexNet (Krizhevsky et al., 2012) on a Ray cluster. Each flag overrides a "
+                    "field of the recipe; its value in the recipe is in parentheses.")
     parser.add_argument("--recipe", default="demo", help=f"named run: {', '.join(RECIPES)} (default: demo)")
     parser.add_argument("--show-config", action="store_true", help="print the resolved configuration and exit")
-    add_arguments(parser)
+    add_arguments(parser, recipe)
     return parser.parse_args(argv)
 
 
 def resolve_location(name: str, location: str) -> str:
     """Option `name`'s path made absolute (actors may run elsewhere), or its URI as given once its
-    form is valid (cluster/storage.py: s3://, gs://, hdfs://, file://)."""
+    form is valid (cluster/ckpt/storage.py: s3://, gs://, hdfs://, file://)."""
     try:
         storage.open_storage(location)
     except (ValueError, OSError) as err:  # OSError: s3:// without a region asks AWS for the bucket's
@@ -123,109 +126,14 @@ def load_checkpoint(workers: ActorMesh, start: Start) -> None:
     """Every actor its shard of `start`'s checkpoint or, from a mesh of another shape, its
     layers of the whole network gathered from all shards."""
     if not start.reshape:
-        workers.call("load", start.directory)
+        workers.load(start.directory)
         print(f"resumed from {start.directory}", flush=True)
         return
     manifest, state, momentum = consolidate_with_momentum(start.directory)
-    workers.call("load_consolidated", workers.put((state, momentum)))
+    workers.load_consolidated(state, momentum)
     saved = manifest[checkpoint.KEY_CONFIG]
     print(f"resumed from {start.directory}, re-split from {saved['replicas']} replica(s) × {saved['stages']} stage(s) "
           f"({saved['stage_split']}) × {saved['towers']} tower process(es)", flush=True)
-
-
-@contextlib.contextmanager
-def ray_session(config: TrainConfig):
-    """Join the given or surrounding cluster, else start a local one bound to 127.0.0.1.
-    Yields the environment variables actors need."""
-    if ray.is_initialized():
-        yield {}
-        return
-    address = config.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        env = {}
-    else:
-        restore_env = localnet.apply_loopback_env()  # every listener on 127.0.0.1
-        wanted = config.mesh.world_size * config.threads_per_worker
-        ray.init(num_cpus=max(wanted, os.cpu_count() or 1), **localnet.local_ray_init_kwargs())
-        env = localnet.loopback_env()
-    try:
-        yield env
-    finally:
-        ray.shutdown()
-        if not address:
-            restore_env()
-
-
-# What torch.distributed's backends put in the RuntimeErrors they raise when a peer is gone or hangs.
-_TRANSPORT_ERRORS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer", "NCCL", "Timed out")
-
-
-def restartable(err: Exception) -> bool:
-    """A failure of the machinery, not of the training code: an actor process that died, or a
-    collective or transfer that failed or timed out (a peer died or hung)."""
-    if isinstance(err, ray.exceptions.RayActorError):
-        return True
-    if not isinstance(err, ray.exceptions.RayTaskError):
-        return False
-    cause = err.cause
-    return isinstance(cause, dist.DistError) or (
-        isinstance(cause, RuntimeError) and any(marker in str(cause) for marker in _TRANSPORT_ERRORS))
-
-
-class StorageError(RuntimeError):
-    """The run directory is not reachable from every actor."""
-
-
-def check_storage(workers: ActorMesh, run_dir: str) -> None:
-    """Every actor must see the run directory the driver writes to (checkpoints are written by
-    the actors, the manifest by the driver): the driver leaves a token there, each actor reads
-    it and leaves it back in a file of its own. `run_dir` is a path or a URI; each actor opens it
-    with its own credentials. Raises StorageError naming the actors and hosts that cannot."""
-    run = storage.open_storage(run_dir)
-    token = uuid.uuid4().hex
-    try:
-        run.makedirs()
-        run.child(STORAGE_CHECK).write_bytes(token.encode())
-    except OSError as err:
-        raise StorageError(f"--run-dir {run_dir}: the driver cannot write there: {storage.error_line(err)}") from None
-    try:
-        answers = workers.call("check_storage", run_dir, token)
-        failed = [a for a in answers if not a["ok"] or not _token_came_back(run, a["rank"], token)]
-        if failed:
-            who = "; ".join(f"rank {a['rank']} on {a['host']}: {a['detail'] or 'its file did not reach the driver'}"
-                            for a in failed)
-            raise StorageError(f"--run-dir {run_dir} is not shared by the driver and every actor ({who}): put it on "
-                               f"storage every node mounts at the same path, or on a URI (s3://, gs://, hdfs://) "
-                               f"every node reaches")
-    finally:
-        with contextlib.suppress(OSError):  # an error above is the one to report
-            for name in run.listdir():
-                if name.startswith(STORAGE_CHECK):
-                    run.child(name).delete()
-
-
-def _token_came_back(run: storage.Storage, rank: int, token: str) -> bool:
-    """Whether rank `rank`'s file in the run dir holds the driver's token, as the driver reads it."""
-    try:
-        return run.child(f"{STORAGE_CHECK}.rank{rank}").read_bytes() == token.encode()
-    except OSError:
-        return False
-
-
-def failure_cause(err: Exception) -> str:
-    """One line: what failed, e.g. `ActorDiedError: The actor died unexpectedly...` or the
-    error an actor raised (`RuntimeError: [gloo/...] Timed out waiting 5000ms for recv`)."""
-    cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None else err
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]
-
-
-def restart_cause(err: Exception) -> str:
-    """What a restartable failure was, in the metrics' words (cluster/metrics.py RESTART_CAUSES)."""
-    if isinstance(err, ray.exceptions.RayActorError):
-        return "actor_died"
-    return "collective_timeout" if "Timed out" in failure_cause(err) else "collective_failed"
 
 
 def train_with_restarts(config: TrainConfig, env: dict, train_data: ReplicaReaders, val_data: ReplicaReaders,
@@ -239,7 +147,8 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ReplicaReade
         workers = ActorMesh(config, env, wait_for_nodes=restarts > 0)  # a lost node may come back
         print(f"placement:\n{workers.placement_table()}", flush=True)
         try:
-            check_storage(workers, config.run_dir)
+            token = reach.leave_token(config.run_dir)
+            reach.check_answers(config.run_dir, token, workers.check_storage(config.run_dir, token))
             if start.directory:
                 load_checkpoint(workers, start)
             metrics.begin(start.step, start.epoch, start.directory)
@@ -300,13 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: metrics_addr {config.metrics_addr}: {err}", file=sys.stderr)
         return 2
-    with metrics, ray_session(config) as env:
+    with metrics, ray_session(config.address, config.mesh.world_size * config.threads_per_worker) as env:
         try:
             result = train_with_restarts(config, env, train_data, val_data, start, metrics)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except (PlacementError, StorageError, ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
+        except (PlacementError, reach.StorageError, ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
             print(f"error: training failed: {err}", file=sys.stderr, flush=True)
             return 1
         metrics.finish()
@@ -315,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.images_per_second:.1f} img/s, data wait {100 * result.data_wait_fraction:.1f}% of step time; "
           f"checkpoint {result.checkpoint}", flush=True)
     if config.report:
-        from cluster.report import write_report  # matplotlib: imported only to draw (0.7 s)
+        from cluster.telemetry.plots import write_report  # matplotlib: imported only to draw (0.7 s)
 
         try:
             print(f"report: {write_report(config.run_dir)}", flush=True)

@@ -1,7 +1,7 @@
 """The training loop: `train()` owns epochs, evaluation, the learning-rate schedule and the
-checkpoints (`Checkpointer`), starting from step 0 or a checkpoint (`Start`); each step is one
-`train_step` on every actor, which runs its stage's schedule over the microbatches and steps its
-optimizer."""
+checkpoints, starting from step 0 or a checkpoint (`Start`); `_train_epoch` owns the steps of one
+epoch, each one `train_step` on every actor, which runs its stage's schedule over the
+microbatches and steps its optimizer. Where the loop stands is one value, a `Position`."""
 
 import dataclasses
 import logging
@@ -9,14 +9,16 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from cluster import checkpoint, storage
+from cluster.ckpt import checkpoint
+from cluster.ckpt.checkpointer import Checkpointer
 from cluster.config import TrainConfig
-from cluster.metrics import Metrics
-from cluster.progress import Progress, format_duration
 from cluster.replica_data import ReplicaReaders
-from cluster.timeline import format_summary, step_summary, write_trace
+from cluster.telemetry.metrics import Metrics
+from cluster.telemetry.progress import Progress, format_duration
+from cluster.telemetry.step import StepSummary, Totals
+from cluster.telemetry.timeline import format_summary, write_trace
 from stages.optim import MilestoneSchedule, PlateauSchedule
 
 log = logging.getLogger(__name__)
@@ -85,64 +87,40 @@ class TrainResult:
     data_wait_fraction: float
 
 
-class WaitShare:
-    """The share of step time the loop spent waiting for the next batch (first step excluded:
-    the pipeline is still filling)."""
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where the loop stands: `step` optimizer steps done; the next batch to train is `batch` of
+    `epoch` (0-based; `batch` = the epoch's batch count: its steps are done, its evaluation and
+    schedule step are not); `loss_sum`: the epoch's losses so far."""
 
-    def __init__(self):
-        self.waited = self.total = 0.0
-        self.steps = 0
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    loss_sum: float = 0.0
 
-    def add(self, waited: float, total: float) -> None:
-        self.steps += 1
-        if self.steps > 1:
-            self.waited, self.total = self.waited + waited, self.total + total
+    def after_step(self, loss: float) -> "Position":
+        return Position(self.step + 1, self.epoch, self.batch + 1, self.loss_sum + loss)
 
-    @property
-    def fraction(self) -> float:
-        return self.waited / self.total if self.total else 0.0
-
-
-def step_extras(config: TrainConfig, results: list[dict], wait_share: WaitShare) -> str:
-    """The progress line's tail: exchange share, pipeline bubble, data wait."""
-    extra = ""
-    if config.mesh.towers > 1:
-        comm = max(r["exchange_seconds"] / max(r["seconds"], 1e-9) for r in results)
-        extra += f" | exchange {100 * comm:.0f}%"
-    if config.mesh.stages > 1:
-        extra += f" | bubble {100 * step_summary(results)['bubble']:.0f}%"
-    return extra + f" | data wait {100 * wait_share.fraction:.0f}%"
-
-
-def replica_total(results: list[dict], ranks: list[int], key: str) -> float | None:
-    """`key`'s sum over the replicas' reports (`ranks`: each replica's loss rank), if reported:
-    e.g. the global batch's top-1 hits, which Progress divides by the global batch's images."""
-    values = [results[rank].get(key) for rank in ranks]
-    return None if values[0] is None else sum(values)
-
-
-def evaluate(workers, loader: ReplicaReaders) -> tuple[float, float, float]:
-    """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crop, or the
-    ten views with --eval-views 10; padding rows weigh 0)."""
-    totals = {"loss_sum": 0.0, "top1": 0, "top5": 0, "images": 0}
-    for batch, _ in prefetched(loader.epoch_batches(0), workers.put):
-        result = workers.evaluate(batch.images, batch.labels, batch.weights)
-        for key in totals:
-            totals[key] += result[key]
-    n = max(totals["images"], 1)
-    return totals["loss_sum"] / n, totals["top1"] / n, totals["top5"] / n
+    def next_epoch(self) -> "Position":
+        return Position(self.step, self.epoch + 1, 0, 0.0)
 
 
 @dataclasses.dataclass
 class Start:
-    """Where a run begins: step 0, or a checkpoint's position and loop state."""
+    """Where a run begins: step 0, or a checkpoint's position and schedule state."""
 
-    step: int = 0
-    epoch: int = 0
-    next_batch: int = 0  # of `epoch`; batches_per_epoch: the epoch's steps are all done
-    trainer: dict = dataclasses.field(default_factory=dict)  # schedule state, the epoch's loss sum
+    position: Position = Position()
+    schedule: dict = dataclasses.field(default_factory=dict)  # the lr schedule's state_dict
     directory: str = ""  # the checkpoint it comes from
     reshape: bool = False  # saved by a mesh of another shape: gather the network and re-split it
+
+    @property
+    def step(self) -> int:
+        return self.position.step
+
+    @property
+    def epoch(self) -> int:
+        return self.position.epoch
 
 
 def total_steps(config: TrainConfig, train_data: ReplicaReaders) -> int:
@@ -154,116 +132,111 @@ def total_steps(config: TrainConfig, train_data: ReplicaReaders) -> int:
 def resume_point(directory: str, manifest: dict, train_data: ReplicaReaders) -> Start:
     """The Start a checkpoint's manifest describes, its reader position checked against ours."""
     epoch, next_batch = train_data.check_state(manifest[checkpoint.KEY_LOADER])
-    return Start(manifest[checkpoint.KEY_STEP], epoch, next_batch, manifest[checkpoint.KEY_TRAINER], directory)
+    state = manifest[checkpoint.KEY_TRAINER]
+    position = Position(manifest[checkpoint.KEY_STEP], epoch, next_batch, state.get("epoch_loss_sum", 0.0))
+    return Start(position, state.get("schedule", {}), directory)
 
 
-class Checkpointer:
-    """Writes checkpoints: every actor its shard, then the manifest with the reader's position
-    and the loop's state, then prunes to the newest `keep_checkpoints`.
+def evaluate(workers, loader: ReplicaReaders) -> tuple[float, float, float]:
+    """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crop, or the
+    ten views with --eval-views 10; padding rows weigh 0)."""
+    scores = [workers.evaluate(batch.images, batch.labels, batch.weights)
+              for batch, _ in prefetched(loader.epoch_batches(0), workers.put)]
+    total = sum(scores[1:], scores[0])
+    n = max(total.images, 1)
+    return total.loss_sum / n, total.top1 / n, total.top5 / n
 
-    With --async-checkpoint the actors copy their state (the stall) and write it in a thread
-    while the next step runs; `finish`, called after that step, waits for the writes (more
-    stall only if they are not done) and writes the manifest. Until then the checkpoint is
-    incomplete and a resume takes the one before."""
 
-    def __init__(self, config: TrainConfig, workers, train_data: ReplicaReaders, print_fn, metrics: Metrics = Metrics()):
-        self.config, self.workers, self.train_data, self.print_fn = config, workers, train_data, print_fn
-        self.metrics = metrics
-        self.last_step = -1
-        self.pending: tuple | None = None
+class _Loop:
+    """One attempt's loop state and what it reports to: the schedule, the checkpointer, the
+    progress line, the metrics and the attempt's totals."""
 
-    def save(self, step: int, epoch: int, next_batch: int, schedule, epoch_loss_sum: float,
-             final: bool = False) -> str:
-        directory = checkpoint.checkpoint_dir(self.config.run_dir, step)
-        if step == self.last_step:
-            return directory
-        self.finish()
-        storage.open_storage(directory).makedirs()
-        manifest = {"step": step, "epoch": epoch, "loader": self.train_data.state_dict(epoch, next_batch),
-                    "trainer": {"schedule": schedule.state_dict(), "epoch_loss_sum": epoch_loss_sum}}
-        asynchronous = self.config.async_checkpoint and not final
-        started = time.perf_counter()
-        entries = self.workers.call("save", directory, asynchronous)
-        self.pending = (directory, manifest, None if asynchronous else entries, time.perf_counter() - started, started)
-        self.last_step = step
-        if not asynchronous:
-            self.finish()
-        return directory
+    def __init__(self, config: TrainConfig, workers, train_data: ReplicaReaders, start: Start,
+                 print_fn: Callable[[str], None], metrics: Metrics):
+        self.config, self.workers, self.train_data, self.print_fn, self.metrics = (
+            config, workers, train_data, print_fn, metrics)
+        self.schedule = make_schedule(config)
+        if start.schedule:
+            self.schedule.load_state_dict(start.schedule)
+        self.total = total_steps(config, train_data)
+        self.progress = Progress(self.total, done=start.step)
+        self.run = Totals()  # this attempt's steps, its first (warm-up) left out
+        self.saver = Checkpointer(config, workers, train_data, print_fn, metrics)
 
-    def finish(self) -> None:
-        """Complete the pending checkpoint, if any: its shards written, then its manifest."""
-        if self.pending is None:
-            return
-        directory, manifest, entries, stall, began = self.pending
-        self.pending = None
-        started = time.perf_counter()
-        if entries is None:
-            entries = self.workers.call("finish_save")
-        stall += time.perf_counter() - started
-        checkpoint.write_manifest(directory, config=self.config.to_dict(), mesh=dataclasses.asdict(self.config.mesh),
-                                  shard_paths=entries, **manifest)
-        checkpoint.prune(self.config.run_dir, self.config.keep_checkpoints, self.config.keep_every)
-        self.print_fn(f"checkpoint: {storage.absolute(directory)} (training stalled {stall:.2f} s)")
-        self.metrics.checkpoint(manifest["step"], stall, time.perf_counter() - began, entries)
+    def save(self, at: Position, final: bool = False) -> str:
+        return self.saver.save(at.step, at.epoch, at.batch,
+                               {"schedule": self.schedule.state_dict(), "epoch_loss_sum": at.loss_sum}, final)
+
+    def report(self, summary: StepSummary) -> None:
+        """The step to the progress line, the metrics, and (at --trace-step) the pipeline timeline."""
+        config = self.config
+        self.progress.update(summary.images, summary.loop_seconds, summary.hits[0] if summary.hits else None)
+        if self.progress.attempt_steps > 1:  # the attempt's first step pays for warm-up
+            self.run.add(summary)
+        self.metrics.step(summary, self.progress)
+        if summary.step == config.trace_step and config.stages > 1:
+            where = f": {write_trace(config.trace, summary.reports, config.mesh, summary.step)}" if config.trace else ""
+            self.print_fn(f"step {summary.step}{where}\n{format_summary(summary.pipeline)}")
+        if summary.step % config.log_every == 0 or summary.step == self.total:
+            extra = f" | exchange {100 * summary.exchange_share:.0f}%" if config.mesh.towers > 1 else ""
+            if config.mesh.stages > 1:
+                extra += f" | bubble {100 * summary.pipeline.bubble:.0f}%"
+            extra += f" | data wait {100 * self.run.data_wait_fraction:.0f}%"
+            self.print_fn(self.progress.line(summary.epoch, config.epochs, summary.loss, summary.lr, extra))
+
+
+def _train_epoch(loop: _Loop, at: Position) -> Position:
+    """The steps of `at.epoch` from `at.batch` on, until the epoch or the run's steps end."""
+    config, workers, lr = loop.config, loop.workers, loop.schedule.lr
+    batches = loop.metrics.decoding(loop.train_data.epoch_batches(at.epoch, at.batch))
+    tick = time.perf_counter()  # the end of the previous step: loop time counts from here
+    for batch, data_wait in prefetched(batches, workers.put):
+        if at.step >= loop.total:
+            break
+        reports = workers.train_step(batch.images, batch.labels, lr, batch.lighting, step=at.step + 1)
+        now = time.perf_counter()
+        summary = StepSummary.reduce(reports, config.mesh, step=at.step + 1, epoch=at.epoch, lr=lr,
+                                     data_wait=data_wait, loop_seconds=now - tick)
+        tick = now
+        if not math.isfinite(summary.loss):
+            raise NonFiniteLoss(summary.step, summary.loss)
+        at = at.after_step(summary.loss)
+        loop.report(summary)
+        loop.saver.finish()  # an asynchronous checkpoint started before this step
+        if loop.saver.due(at.step, epoch_end=False):
+            loop.save(at)
+    return at
 
 
 def train(config: TrainConfig, workers, train_data: ReplicaReaders, val_data: ReplicaReaders,
           print_fn=print, start: Start | None = None, metrics: Metrics = Metrics()) -> TrainResult:
     start = start or Start()
-    schedule = make_schedule(config)
-    if start.trainer:
-        schedule.load_state_dict(start.trainer["schedule"])
-    lr = schedule.lr
+    loop = _Loop(config, workers, train_data, start, print_fn, metrics)
     steps_per_epoch = train_data.batches_per_epoch
-    total = total_steps(config, train_data)
-    progress = Progress(total, done=start.step)
-    wait_share = WaitShare()
-    saver = Checkpointer(config, workers, train_data, print_fn, metrics)
-    epochs: list[EpochResult] = []
-    epoch, batch_index, loss_sum = start.epoch, start.next_batch, start.trainer.get("epoch_loss_sum", 0.0)
-    print_fn(f"training {total} steps ({config.epochs} epochs × {steps_per_epoch}) of "
+    print_fn(f"training {loop.total} steps ({config.epochs} epochs × {steps_per_epoch}) of "
              f"{config.batch_size} images in {config.microbatches} microbatch(es) on {config.mesh.describe()}"
              + (f", {config.schedule} schedule" if config.stages > 1 else "")
-             + (f"; resuming at step {start.step} (epoch {start.epoch + 1}, batch {start.next_batch})" if start.step else ""))
-    loss_ranks = config.mesh.loss_ranks()  # each replica's last stage holds its loss
-    for epoch in range(start.epoch, config.epochs):
-        if epoch != start.epoch:
-            batch_index, loss_sum = 0, 0.0
-        for batch, data_wait in prefetched(metrics.decoding(train_data.epoch_batches(epoch, batch_index)), workers.put):
-            if progress.steps >= total:
-                break
-            started = time.perf_counter()
-            results = workers.train_step(batch.images, batch.labels, lr, batch.lighting, step=progress.steps + 1)
-            wait_share.add(data_wait, time.perf_counter() - started + data_wait)
-            loss = sum(results[rank]["loss"] for rank in loss_ranks) / len(loss_ranks)  # of the global batch
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(progress.steps + 1, loss)
-            progress.update(sum(results[rank]["images"] for rank in loss_ranks), replica_total(results, loss_ranks, "top1"))
-            metrics.step(progress.steps, epoch, lr, results, data_wait, time.perf_counter() - started + data_wait)
-            loss_sum, batch_index = loss_sum + loss, batch.index + 1
-            if progress.steps == config.trace_step and config.stages > 1:
-                where = f": {write_trace(config.trace, results, config.mesh, progress.steps)}" if config.trace else ""
-                print_fn(f"step {progress.steps}{where}\n{format_summary(step_summary(results))}")
-            if progress.steps % config.log_every == 0 or progress.steps == total:
-                print_fn(progress.line(epoch, config.epochs, loss, lr, step_extras(config, results, wait_share)))
-            saver.finish()  # an asynchronous checkpoint started before this step
-            if config.checkpoint_every and progress.steps % config.checkpoint_every == 0:
-                saver.save(progress.steps, epoch, batch_index, schedule, loss_sum)
+             + (f"; resuming at step {start.step} (epoch {start.epoch + 1}, batch {start.position.batch})"
+                if start.step else ""))
+    epochs: list[EpochResult] = []
+    at = start.position
+    while at.epoch < config.epochs:
+        at = _train_epoch(loop, at)
         val_loss, top1, top5 = evaluate(workers, val_data)
-        epochs.append(EpochResult(epoch, loss_sum / max(batch_index, 1), val_loss, top1, top5))
-        finished = batch_index == steps_per_epoch
-        print_fn(f"epoch {epoch + 1}/{config.epochs}{'' if finished else f' (stopped after batch {batch_index})'}: "
+        epochs.append(EpochResult(at.epoch, at.loss_sum / max(at.batch, 1), val_loss, top1, top5))
+        finished = at.batch == steps_per_epoch
+        print_fn(f"epoch {at.epoch + 1}/{config.epochs}{'' if finished else f' (stopped after batch {at.batch})'}: "
                  f"train loss {epochs[-1].train_loss:.4f} | val loss {val_loss:.4f} | val top-1 {100 * top1:.1f}% "
-                 f"| val top-5 {100 * top5:.1f}% | elapsed {format_duration(progress.clock() - progress.started)}")
+                 f"| val top-5 {100 * top5:.1f}% | elapsed {format_duration(loop.progress.elapsed())}")
         metrics.epoch(epochs[-1])
         if not finished:  # max_steps ended the run inside the epoch: its schedule step is yet to come
             break
-        lr = schedule.end_epoch(epoch, 1.0 - top1)
-        epoch, batch_index, loss_sum = epoch + 1, 0, 0.0
-        if not config.checkpoint_every or progress.steps >= total:
-            saver.save(progress.steps, epoch, batch_index, schedule, loss_sum)
-        if progress.steps >= total:
+        loop.schedule.end_epoch(at.epoch, 1.0 - top1)
+        at = at.next_epoch()
+        if at.step >= loop.total:
             break
-    directory = saver.save(progress.steps, epoch, batch_index, schedule, loss_sum, final=True)
-    saver.finish()
-    return TrainResult(progress.steps, epochs, directory, progress.images_per_second, wait_share.fraction)
+        if loop.saver.due(at.step, epoch_end=True):
+            loop.save(at)
+    directory = loop.save(at, final=True)
+    loop.saver.finish()
+    return TrainResult(at.step, epochs, directory, loop.progress.mean_images_per_second, loop.run.data_wait_fraction)

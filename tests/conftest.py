@@ -3,7 +3,7 @@
 import pytest
 import ray
 
-from cluster import localnet
+from cluster.launch import localnet
 
 
 @pytest.fixture(scope="module")

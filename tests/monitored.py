@@ -28,8 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from cluster import localnet
-from cluster.worker import INJECT_NAN_ENV
+from cluster.launch import localnet
+from cluster.rank import rendezvous
+from cluster import faults
 from raytools import REPO
 from test_driver import DRIVER, assert_nothing_left, tiny_run_args
 
@@ -104,7 +105,7 @@ def _prometheus_config(path: Path, driver_port: int, ray_tmp: Path) -> None:
 
 
 def _start_prometheus(workdir: Path, config: Path) -> tuple[subprocess.Popen, str]:
-    port = localnet.free_port()
+    port = rendezvous.free_port()
     log = open(workdir / "prometheus.log", "w")
     proc = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
                              f"--web.listen-address={localnet.LOOPBACK}:{port}"],
@@ -134,7 +135,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _run(tmp_root: Path, demo) -> MonitoredRun:
     run_dir = tmp_root / "run"
-    driver_port = localnet.free_port()
+    driver_port = rendezvous.free_port()
     ray_tmp = Path(tempfile.mkdtemp(prefix="mon", dir="/tmp"))  # short: Ray's socket paths must fit
     prometheus = base = None
     try:
@@ -142,7 +143,7 @@ def _run(tmp_root: Path, demo) -> MonitoredRun:
             config = tmp_root / "prometheus.yml"
             _prometheus_config(config, driver_port, ray_tmp)
             prometheus, base = _start_prometheus(tmp_root, config)
-        env = {**os.environ, INJECT_NAN_ENV: f"{NAN_STEP}:{tmp_root / 'nan-once'}", "RAY_TMPDIR": str(ray_tmp)}
+        env = {**os.environ, faults.NAN_ENV: f"{NAN_STEP}:{tmp_root / 'nan-once'}", "RAY_TMPDIR": str(ray_tmp)}
         args = tiny_run_args(demo, run_dir, *RUN_ARGS, "--metrics-addr", f"{localnet.LOOPBACK}:{driver_port}")
         proc = subprocess.Popen(DRIVER + args, env=env, cwd=tmp_root, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -12,8 +12,8 @@ import contextlib
 import ray
 import torch
 
-from cluster import localnet
-from cluster.actor_mesh import ActorMesh
+from cluster.launch import localnet
+from cluster.launch.actor_mesh import ActorMesh
 from cluster.config import TrainConfig
 from stages.loss import cross_entropy_reference
 from stages.optim import PaperSGD, set_lr

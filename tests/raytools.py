@@ -14,7 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster import localnet
+from cluster.launch import localnet
+import nettools
+from cluster.rank import rendezvous
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = Path(sys.executable).with_name("ray")
@@ -28,7 +30,7 @@ def _comm(pid: int) -> str:
 
 
 def _alive(pids):
-    return [p for p in pids if p in localnet._proc_table()]
+    return [p for p in pids if p in nettools._proc_table()]
 
 
 def stop_session(pgid: int, grace: float = 5.0) -> None:
@@ -40,7 +42,7 @@ def stop_session(pgid: int, grace: float = 5.0) -> None:
         lambda c: c not in ("raylet", "gcs_server"),
         lambda c: c == "gcs_server",
     ):
-        pids = [p for p in localnet.process_tree(pgids=[pgid]) if pick(_comm(p))]
+        pids = [p for p in nettools.process_tree(pgids=[pgid]) if pick(_comm(p))]
         pids = [p for p in pids if p != os.getpid()]
         for p in pids:
             try:
@@ -56,7 +58,7 @@ def stop_session(pgid: int, grace: float = 5.0) -> None:
             except ProcessLookupError:
                 pass
     deadline = time.time() + 5
-    while localnet.process_tree(pgids=[pgid]) - {os.getpid()} and time.time() < deadline:
+    while nettools.process_tree(pgids=[pgid]) - {os.getpid()} and time.time() < deadline:
         time.sleep(0.1)
 
 
@@ -65,11 +67,11 @@ def head_env(workdir: Path) -> dict:
     auth token, free metrics ports, the project importable and this venv first on PATH (a job's
     `python` is whatever `ray start` found on PATH)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(localnet.token_auth_env(str(workdir / "token")))
+    env.update(nettools.token_auth_env(str(workdir / "token")))
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Fixed default ports (44217/44227) would clash with another Ray here.
-    env["AUTOSCALER_METRIC_PORT"] = str(localnet.free_port())
-    env["DASHBOARD_METRIC_PORT"] = str(localnet.free_port())
+    env["AUTOSCALER_METRIC_PORT"] = str(rendezvous.free_port())
+    env["DASHBOARD_METRIC_PORT"] = str(rendezvous.free_port())
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
@@ -97,11 +99,11 @@ class Head:
 def own_head(workdir: Path, num_cpus: int = 2, extra_env: dict | None = None):
     """Start a head on 127.0.0.1 in its own process group; stop exactly that head afterwards.
     `extra_env`: more environment for the head and what joins it (e.g. Ray system settings)."""
-    gcs, dashboard, agent, client = (localnet.free_port() for _ in range(4))
+    gcs, dashboard, agent, client = (rendezvous.free_port() for _ in range(4))
     env = head_env(workdir)
     env.update(localnet.loopback_env())
     env.update(extra_env or {})
-    args = localnet.ray_start_head_args(port=gcs, dashboard_port=dashboard,
+    args = nettools.ray_start_head_args(port=gcs, dashboard_port=dashboard,
                                         dashboard_agent_listen_port=agent, ray_client_server_port=client)
     log = workdir / "start.log"
     with open(log, "w") as out:
@@ -138,13 +140,13 @@ class WorkerNode:
 
     def kill_raylet(self) -> None:
         """SIGKILL this node's raylet, as a lost machine would look to the cluster."""
-        for pid in localnet.process_tree(pgids=[self.pgid]):
+        for pid in nettools.process_tree(pgids=[self.pgid]):
             if _comm(pid) == "raylet":
                 os.kill(pid, signal.SIGKILL)
 
 
 # `ray start --address ...` on 127.0.0.1. Ray keeps a node's IP on loopback only while
-# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (cluster/localnet.py), and that same setting makes `ray start`
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (cluster/launch/localnet.py), and that same setting makes `ray start`
 # refuse to join a worker node. This launcher lifts just the refusal, in the `ray start` process
 # alone: it takes the given --node-ip-address as it is, and every process it starts (raylet,
 # agents, workers) inherits the setting and stays on 127.0.0.1.
@@ -163,7 +165,7 @@ main()
 def worker_node(head: Head, workdir: Path, name: str, num_cpus: int = 2):
     """Join a worker node with `num_cpus` CPUs and the custom resource `name` to `head`; every
     port it opens is a free one on 127.0.0.1. Stops exactly that node afterwards."""
-    ports = {flag: localnet.free_port() for flag in (
+    ports = {flag: rendezvous.free_port() for flag in (
         "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
         "dashboard-agent-grpc-port", "runtime-env-agent-port")}
     args = [f"--address={localnet.LOOPBACK}:{head.gcs_port}", f"--node-ip-address={localnet.LOOPBACK}",

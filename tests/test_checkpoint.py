@@ -7,10 +7,11 @@ import pickle
 import pytest
 import torch
 
-from cluster import checkpoint
+from cluster.ckpt import checkpoint
 from cluster.config import TrainConfig
-from cluster.pipeline import StepPlan
-from cluster.worker import STORAGE_CHECK, TowerWorker
+from cluster.rank.pipeline import StepPlan
+from cluster.ckpt.reach import CHECK_FILE as STORAGE_CHECK
+from cluster.rank.worker import TowerWorker
 
 STEP = StepPlan("train", microbatches=1, rows=4, lr=0.01)  # one whole-batch step of 4 images
 
@@ -80,8 +81,8 @@ def test_an_actor_reports_whether_it_sees_the_run_dir(tmp_path):
     worker = _worker()
     (tmp_path / STORAGE_CHECK).write_text("token-1")
     seen = worker.check_storage(str(tmp_path), "token-1")
-    assert seen["ok"] and (tmp_path / f"{STORAGE_CHECK}.rank0").read_text() == "token-1"
+    assert seen.ok and (tmp_path / f"{STORAGE_CHECK}.rank0").read_text() == "token-1"
     other = worker.check_storage(str(tmp_path), "token-2")  # another driver's directory
-    assert not other["ok"] and "found another run's .storage-check" in other["detail"]
+    assert not other.ok and "found another run's .storage-check" in other.detail
     missing = worker.check_storage(str(tmp_path / "not-mounted-here"), "token-1")
-    assert not missing["ok"] and missing["detail"].startswith("FileNotFoundError")
+    assert not missing.ok and missing.detail.startswith("FileNotFoundError")

@@ -15,7 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import METRICS_PORT
-from cluster.metrics import PHASES, SNAPSHOT_FILE
+from cluster.telemetry.metrics import PHASES, SNAPSHOT_FILE
 from monitored import REQUIRE_ENV, monitored_run
 from raytools import REPO
 
@@ -165,7 +165,7 @@ def test_dashboard_shows_what_the_issue_asks_for(dashboard):
                  "alexnet_process_resident_memory_bytes", "alexnet_actor_resident_memory_bytes",
                  "alexnet_actor_device_memory_allocated_bytes", "alexnet_decoded_images_per_second"):
         assert name in exprs, name
-    # the time breakdown: one stacked panel per (stage, tower), every phase of cluster/metrics.py
+    # the time breakdown: one stacked panel per (stage, tower), every phase of cluster/telemetry/metrics.py
     stacked = [p for p in all_panels(dashboard)
                if p["type"] == "timeseries" and p["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"]
     assert len(stacked) == 1, [p["title"] for p in stacked]

@@ -16,7 +16,7 @@ import yaml
 
 from cluster import driver
 from cluster.config import TrainConfig
-from cluster.placement import Node, actor_resources, plan_placement
+from cluster.plan.placement import Node, actor_resources, plan_placement
 
 REPO = Path(__file__).resolve().parents[1]
 README_SECTION = "## Deploying on a GPU cluster"
@@ -181,7 +181,7 @@ def test_rayjob_mesh_fills_the_worker_gpus_exactly(rayjob, monkeypatch):
     nodes = rayjob_nodes(rayjob)
     gpus = sum(n.free["GPU"] for n in nodes)
     assert config.mesh.world_size == gpus, f"{config.mesh.describe()} on {gpus:g} GPUs"
-    assert actor_resources(config, nodes) == {"CPU": 1, "GPU": 1}
+    assert actor_resources(config.mesh, config.threads_per_worker, nodes) == {"CPU": 1, "GPU": 1}
     plan = plan_placement(config.mesh, {"CPU": 1, "GPU": 1}, nodes)  # raises PlacementError if it cannot
     assert all(node.free["GPU"] > 0 for stages in plan for node in stages), "no actor on the head"
 
@@ -324,7 +324,7 @@ def test_readme_job_fills_the_launcher_cluster_exactly(readme_commands, launcher
     nodes = launcher_nodes(launcher)
     gpus = sum(n.free["GPU"] for n in nodes)
     assert config.mesh.world_size == gpus, f"{config.mesh.describe()} on {gpus:g} GPUs"
-    assert actor_resources(config, nodes) == {"CPU": 1, "GPU": 1}
+    assert actor_resources(config.mesh, config.threads_per_worker, nodes) == {"CPU": 1, "GPU": 1}
     plan_placement(config.mesh, {"CPU": 1, "GPU": 1}, nodes)
     volumes = [option.split()[-1].split(":")[1] for option in launcher["docker"]["run_options"]
                if option.startswith(("--volume", "-v "))]

@@ -12,9 +12,10 @@ import time
 import pytest
 import ray
 
-from cluster import checkpoint, localnet
+from cluster.ckpt import checkpoint
+import nettools
 from cluster.driver import main
-from cluster.worker import INJECT_FAILURE_ENV
+from cluster import faults
 from raytools import REPO, short_tmpdir
 
 DRIVER = [sys.executable, str(REPO / "cluster" / "driver.py")]
@@ -67,7 +68,7 @@ def test_unreadable_shard_pattern_names_the_option(tmp_path, capsys):
 def assert_nothing_left(pgid: int, grace_s: float = 15.0) -> None:
     """Every process of the driver's session has exited (Ray's own take a moment after the driver)."""
     deadline = time.monotonic() + grace_s
-    while (left := localnet.process_tree(pgids=[pgid])) and time.monotonic() < deadline:
+    while (left := nettools.process_tree(pgids=[pgid])) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"processes left behind: {sorted(left)}"
 
@@ -76,8 +77,8 @@ def _listeners_while_running(proc: subprocess.Popen) -> set:
     """Poll the listening sockets of the driver's whole process tree until it exits."""
     seen = set()
     while proc.poll() is None:
-        tree = localnet.process_tree(roots=[proc.pid], pgids=[proc.pid])
-        seen.update((l.process, l.addr, l.port) for l in localnet.listening_sockets(tree))
+        tree = nettools.process_tree(roots=[proc.pid], pgids=[proc.pid])
+        seen.update((l.process, l.addr, l.port) for l in nettools.listening_sockets(tree))
         time.sleep(0.2)
     return seen
 
@@ -102,7 +103,7 @@ def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
     store = re.search(r"rendezvous 127\.0\.0\.1:(\d+)", out)
     assert store, out
     assert "checkpoint-00000063" in out
-    non_loopback = {s for s in seen if not localnet.is_loopback(s[1])}
+    non_loopback = {s for s in seen if not nettools.is_loopback(s[1])}
     assert not non_loopback, f"listeners beyond loopback: {non_loopback}"
     ports = {s[2] for s in seen}
     names = {s[0] for s in seen}
@@ -127,14 +128,14 @@ def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, cap
 def test_actor_exception_surfaces_with_traceback_and_nonzero_exit(tiny_demo, tmp_path):
     # rank 1 raises at its third step while rank 0 waits for it in a collective: the driver must
     # report rank 1's error at once (not wait out the collective timeout) and leave nothing behind
-    env = {**os.environ, INJECT_FAILURE_ENV: "1:2"}
+    env = {**os.environ, faults.FAILURE_ENV: "1:2"}
     proc = subprocess.Popen(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run"), env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 1, out[-2000:] + err[-2000:]
     assert_nothing_left(proc.pid)
     assert "error: training failed" in err
-    assert re.search(r"File \".*cluster/worker.py\", line \d+, in train_step", err), err[-3000:]
+    assert re.search(r"File \".*cluster/rank/worker.py\", line \d+, in train_step", err), err[-3000:]
     assert "failure injected by ALEXNET_INJECT_FAILURE at rank 1, step 2" in err
     assert "step 2/7" in out and "step 4/7" not in out
 

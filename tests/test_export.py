@@ -19,8 +19,11 @@ import sys
 import pytest
 import torch
 
-from cluster import checkpoint, export, localnet
-from cluster.actor_mesh import ActorMesh
+from cluster import export
+from cluster.ckpt import checkpoint
+from cluster.ckpt.consolidate import load_export
+from cluster.launch import localnet
+from cluster.launch.actor_mesh import ActorMesh
 from data.transforms import normalize_batch
 from parity import assert_rel_close, batches, small_config
 from stages.config import ModelConfig
@@ -124,7 +127,7 @@ def test_conversion_round_trips_exactly(variant):
         to_grouped({k: v for k, v in state.items() if "fc8" not in k}, cfg)
 
 
-# --- checkpoints written by hand (no Ray): the shard format of cluster/worker.py `save`
+# --- checkpoints written by hand (no Ray): the shard format of cluster/rank/worker.py `save`
 
 def write_checkpoint(run_dir, step: int, shards: list[tuple[list[int], dict]]) -> str:
     """A complete checkpoint of `shards` [(coord, model state)] of `small_config()`, as the actors
@@ -262,14 +265,14 @@ def trained_run(request, local_ray, tmp_path_factory) -> TrainedRun:
             workers.train_step(step_images, step_labels, 0.01, step_lighting)
         directory = checkpoint.checkpoint_dir(run_dir, len(steps))
         os.makedirs(directory)
-        shards = workers.call("save", directory)
+        shards = workers.save(directory)
         checkpoint.write_manifest(directory, step=len(steps), epoch=0, config=config.to_dict(),
                                   mesh=dataclasses.asdict(config.mesh), shard_paths=shards, loader={})
         probes = workers.probe(images, labels, lighting)
     finally:
         workers.shutdown()
-    last = [p for p in probes if p["stage"] == config.stages - 1]  # rank order: tower 0, then tower 1
-    logits = torch.cat([p["logits"] for p in last], dim=1)
+    last = [p for p in probes if p.stage == config.stages - 1]  # rank order: tower 0, then tower 1
+    logits = torch.cat([p.logits for p in last], dim=1)
     return TrainedRun(config, run_dir, directory, normalize_batch(images, lighting=lighting), logits)
 
 
@@ -304,6 +307,6 @@ def test_reference_layout_export_and_load_export(trained_run, tmp_path, capsys):
     state = torch.load(out, weights_only=True)
     assert list(state) == list(TwoTowerAlexNet(trained_run.config.model_config).state_dict())
     for network in ("grouped", "reference"):
-        net = export.load_export(str(out), network)
+        net = load_export(str(out), network)
         with torch.no_grad():
             assert_rel_close(net(trained_run.input), trained_run.logits, f"load_export {network}")

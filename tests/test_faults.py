@@ -12,10 +12,11 @@ import time
 import pytest
 import torch
 
-from cluster import checkpoint, localnet
+from cluster.ckpt import checkpoint
+import nettools
 from cluster.driver import main
-from cluster.storage import INJECT_SLOW_WRITE_ENV, TMP_SUFFIX
-from cluster.worker import INJECT_HANG_ENV, INJECT_NAN_ENV
+from cluster import faults
+from cluster.ckpt.storage import TMP_SUFFIX
 from test_driver import DRIVER, assert_nothing_left, tiny_run_args
 from test_resume import shard_tensors
 
@@ -25,7 +26,7 @@ COMMON = ["--epochs", "2", "--log-every", "1", "--checkpoint-every", "2", "--max
 def tower_actors(proc: subprocess.Popen) -> list[int]:
     """Pids of the driver's TowerWorker actor processes."""
     pids = []
-    for pid in localnet.process_tree(roots=[proc.pid], pgids=[proc.pid]):
+    for pid in nettools.process_tree(roots=[proc.pid], pgids=[proc.pid]):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if f.read().startswith(b"ray::TowerWorker"):
@@ -86,7 +87,7 @@ def test_an_actor_killed_while_writing_a_checkpoint_leaves_the_previous_one(tiny
     SIGKILLed: checkpoint 4 never gets a manifest, the run goes on from checkpoint 2 and ends
     with the uninterrupted run's weights."""
     shard = tmp_path / "run" / "checkpoint-00000004" / "rank00001.pt"
-    env = {**os.environ, INJECT_SLOW_WRITE_ENV: f"4:{shard}"}  # that one write pauses half-way
+    env = {**os.environ, faults.SLOW_WRITE_ENV: f"4:{shard}"}  # that one write pauses half-way
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", *COMMON), cwd=tmp_path, env=env,
@@ -117,7 +118,7 @@ def test_only_failures_of_the_machinery_are_restarted():
     import ray
     import torch.distributed as dist
 
-    from cluster.driver import restartable
+    from cluster.launch.session import restartable
 
     def task_error(cause: Exception):
         return ray.exceptions.RayTaskError("train_step", "Traceback ...", cause)
@@ -137,7 +138,7 @@ def test_a_nan_loss_goes_back_to_the_checkpoint_once(tiny_demo, tmp_path, transi
     # checkpoint once. A fault that does not come back (transient) lets it finish; one that does
     # stops it, naming the step.
     spec = f"5:{tmp_path / 'marker'}" if transient else "5"
-    env = {**os.environ, INJECT_NAN_ENV: spec}
+    env = {**os.environ, faults.NAN_ENV: spec}
     proc = subprocess.run(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", *COMMON), env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=240)
     out = proc.stdout + proc.stderr
@@ -153,7 +154,7 @@ def test_a_nan_loss_goes_back_to_the_checkpoint_once(tiny_demo, tmp_path, transi
 def test_a_hung_actor_is_caught_by_the_collective_timeout_and_replaced(tiny_demo, tmp_path):
     # rank 1 sleeps through step 5 (once): rank 0's exchange times out after 5 s, the mesh is
     # rebuilt from the last complete checkpoint and the run finishes
-    env = {**os.environ, INJECT_HANG_ENV: f"1:5:{tmp_path / 'marker'}"}
+    env = {**os.environ, faults.HANG_ENV: f"1:5:{tmp_path / 'marker'}"}
     args = tiny_run_args(tiny_demo, tmp_path / "run", *COMMON, "--collective-timeout-s", "5")
     proc = subprocess.run(DRIVER + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
                           start_new_session=True)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from cluster import checkpoint
+from cluster.ckpt import checkpoint
 from cluster.driver import main
 from raytools import RAY_CLI, REPO, own_head, short_tmpdir
 from test_resume import shard_tensors

@@ -1,7 +1,7 @@
-"""Local runs must listen on loopback only (cluster/localnet.py).
+"""Local runs must listen on loopback only (cluster/launch/localnet.py).
 
 The two Ray tests start a real single-node Ray (2 CPUs), run two actors that
-rendezvous a gloo process group through ``localnet.make_store`` and do one
+rendezvous a gloo process group through ``rendezvous.make_store`` and do one
 all_reduce, and then, while everything is still up, list the listening
 sockets of every process of *that* Ray session and require each one to be
 bound to 127.0.0.0/8 or ::1.
@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import localnet
+from cluster.launch import localnet
+import nettools
+from cluster.rank import rendezvous
 from raytools import REPO, RAY_CLI, head_env, own_head, short_tmpdir, stop_session
 
 
@@ -36,7 +38,7 @@ DRIVER = r'''
 import json, os, sys, time
 mode, ready, go = sys.argv[1], sys.argv[2], sys.argv[3]
 import ray
-from cluster import localnet
+from cluster.launch import localnet
 
 if mode == "init":
     localnet.apply_loopback_env()
@@ -52,16 +54,16 @@ try:
             self.rank, self.world, self.store = rank, world, None
 
         def open_store(self):
-            self.store = localnet.make_store(localnet.LOOPBACK, 0, self.world, 0, 60)
+            self.store = rendezvous.make_store(localnet.LOOPBACK, 0, self.world, 0, 60)
             return self.store.port
 
         def join(self, port):
             import torch
             import torch.distributed as dist
             if self.store is None:
-                self.store = localnet.make_store(
+                self.store = rendezvous.make_store(
                     localnet.LOOPBACK, port, self.world, self.rank, 60)
-            localnet.init_loopback_process_group(
+            nettools.init_loopback_process_group(
                 "gloo", self.store, self.rank, self.world, 60)
             t = torch.full((4,), float(self.rank + 1))
             dist.all_reduce(t)
@@ -111,10 +113,10 @@ def _wait_ready(ready: Path, procs, log: Path, timeout: float) -> dict:
 
 
 def _check_session(session: set[int], info: dict, extra_ports=()) -> None:
-    listeners = localnet.listening_sockets(session)
+    listeners = nettools.listening_sockets(session)
     report = "\n".join(f"  {l.process:16} pid={l.pid:<7} {l.addr}:{l.port}" for l in listeners)
     print(f"{len(listeners)} listeners of {len(session)} session processes:\n{report}")
-    bad = [l for l in listeners if not localnet.is_loopback(l.addr)]
+    bad = [l for l in listeners if not nettools.is_loopback(l.addr)]
     assert not bad, f"non-loopback listeners: {bad}\nall:\n{report}"
 
     # Not vacuous: the session's components and our sockets were all seen.
@@ -147,21 +149,21 @@ def workdir():
 
 def test_is_loopback():
     for a in ("127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.1", "::ffff:7f00:1", "[::1]", "127.0.0.1%lo"):
-        assert localnet.is_loopback(a), a
+        assert nettools.is_loopback(a), a
     for a in ("0.0.0.0", "::", "*", "192.0.2.2", "fd00::2", "::ffff:192.0.2.2", ""):
-        assert not localnet.is_loopback(a), a
+        assert not nettools.is_loopback(a), a
 
 
 def test_ss_parser():
-    assert localnet._split_local("[::ffff:127.0.0.1]:45109") == ("::ffff:127.0.0.1", 45109)
-    assert localnet._split_local("*:42807") == ("::", 42807)
-    assert localnet._split_local("127.0.0.1%lo:53") == ("127.0.0.1", 53)
-    assert localnet._split_local("[fe80::1]%eth0:22") == ("fe80::1", 22)
-    assert localnet._split_local("0.0.0.0:2024") == ("0.0.0.0", 2024)
+    assert nettools._split_local("[::ffff:127.0.0.1]:45109") == ("::ffff:127.0.0.1", 45109)
+    assert nettools._split_local("*:42807") == ("::", 42807)
+    assert nettools._split_local("127.0.0.1%lo:53") == ("127.0.0.1", 53)
+    assert nettools._split_local("[fe80::1]%eth0:22") == ("fe80::1", 22)
+    assert nettools._split_local("0.0.0.0:2024") == ("0.0.0.0", 2024)
 
 
 def test_free_port_is_loopback_and_reusable():
-    port = localnet.free_port()
+    port = rendezvous.free_port()
     with socket.socket() as s:  # SO_REUSEADDR servers can take it (TIME_WAIT)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((localnet.LOOPBACK, port))
@@ -169,14 +171,14 @@ def test_free_port_is_loopback_and_reusable():
 
 @pytest.mark.timeout(60)
 def test_make_store_binds_loopback_only():
-    server = localnet.make_store(localnet.LOOPBACK, 0, 2, 0, 30)
-    client = localnet.make_store(localnet.LOOPBACK, server.port, 2, 1, 30)
+    server = rendezvous.make_store(localnet.LOOPBACK, 0, 2, 0, 30)
+    client = rendezvous.make_store(localnet.LOOPBACK, server.port, 2, 1, 30)
     client.set("k", "v")
     assert server.get("k") == b"v"
-    mine = [l for l in localnet.listening_sockets([os.getpid()]) if l.port == server.port]
+    mine = [l for l in nettools.listening_sockets([os.getpid()]) if l.port == server.port]
     assert mine and all(l.addr == localnet.LOOPBACK for l in mine), mine
     # the /proc fallback sees the same socket
-    assert {(l.addr, l.port) for l in localnet._from_proc() if l.pid == os.getpid()} >= {
+    assert {(l.addr, l.port) for l in nettools._from_proc() if l.pid == os.getpid()} >= {
         (l.addr, l.port) for l in mine
     }
     del client, server
@@ -192,7 +194,7 @@ def test_ray_init_local_cluster_binds_loopback_only(workdir):
     script = workdir / "driver.py"
     script.write_text(DRIVER)
     ready, go, log = workdir / "ready", workdir / "go", workdir / "driver.log"
-    dash = localnet.free_port()
+    dash = rendezvous.free_port()
     env = head_env(workdir)  # no loopback env: the driver applies it itself
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -201,7 +203,7 @@ def test_ray_init_local_cluster_binds_loopback_only(workdir):
         )
     try:
         info = _wait_ready(ready, [proc], log, timeout=70)
-        session = localnet.process_tree(roots=[proc.pid], pgids=[proc.pid])
+        session = nettools.process_tree(roots=[proc.pid], pgids=[proc.pid])
         _check_session(session, info, extra_ports=[dash])
         go.touch()
         proc.wait(timeout=30)
@@ -236,7 +238,7 @@ def test_ray_start_head_and_job_submit_bind_loopback_only(workdir):
                     env=head.env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                 )
             info = _wait_ready(ready, [submit], log, timeout=60)
-            session = localnet.process_tree(pgids=[head.pgid])
+            session = nettools.process_tree(pgids=[head.pgid])
             _check_session(session, info, extra_ports=head.ports)
             go.touch()
             submit.wait(timeout=30)

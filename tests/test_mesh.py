@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.mesh import Coord, Mesh
-from cluster.progress import Progress, format_duration
+from cluster.plan.mesh import Coord, Mesh
+from cluster.telemetry.progress import Progress, format_duration
 
 
 def test_ranks_are_tower_fastest_and_round_trip():
@@ -55,14 +55,21 @@ def test_rank_outside_the_mesh_is_refused():
 
 
 def test_progress_rate_and_eta_leave_out_the_warm_up_step():
-    now = [0.0]
-    progress = Progress(total_steps=10, clock=lambda: now[0])
-    now[0] = 5.0   # the first step pays for start-up: 5 s
-    progress.update(32)
+    progress = Progress(total_steps=10)
+    progress.update(32, 5.0)  # the first step pays for start-up: 5 s
     for _ in range(4):  # then 1 s per 32-image step
-        now[0] += 1.0
-        progress.update(32)
-    assert progress.images_per_second == pytest.approx(32.0)
+        progress.update(32, 1.0)
+    assert progress.images_per_second == pytest.approx(32.0) == progress.mean_images_per_second
     assert progress.eta() == pytest.approx(5.0)  # 5 steps left at 1 s each
     assert "step 5/10 | epoch 1/2 | loss 1.5000 | lr 0.01 | 32.0 img/s | ETA 5s" == progress.line(0, 2, 1.5, 0.01)
     assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
+
+
+def test_progress_rate_is_over_the_recent_steps():
+    progress = Progress(total_steps=100, window=3)
+    progress.update(32, 9.0)  # warm-up, left out
+    for seconds in (4.0, 4.0, 1.0, 1.0, 1.0):  # the run speeds up: the last 3 steps take 1 s each
+        progress.update(32, seconds)
+    assert progress.images_per_second == pytest.approx(32.0)
+    assert progress.eta() == pytest.approx(94.0)  # 94 steps left at the recent 1 s each
+    assert progress.mean_images_per_second == pytest.approx(5 * 32 / 11.0)

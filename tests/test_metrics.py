@@ -10,11 +10,12 @@ import urllib.request
 import pytest
 import ray
 
-from cluster import localnet
-from cluster.driver import main, restart_cause
-from cluster.history import HistoryWriter, read_history
-from cluster.metrics import RESTART_CAUSES, SNAPSHOT_FILE, Exporter
-from cluster.progress import Progress
+from cluster.launch import localnet
+from cluster.driver import main
+from cluster.launch.session import restart_cause
+from cluster.telemetry.history import HistoryWriter, read_history
+from cluster.telemetry.metrics import RESTART_CAUSES, SNAPSHOT_FILE, Exporter
+from cluster.telemetry.progress import Progress
 from monitored import NAN_STEP, TOTAL_STEPS, monitored_run
 from prometheus_client.parser import text_string_to_metric_families
 from test_driver import tiny_run_args
@@ -155,14 +156,11 @@ def test_a_fresh_start_in_an_old_run_dir_supersedes_its_history(tmp_path):
 
 
 def test_progress_line_shows_train_top1_of_the_steps_since_the_last_line():
-    now = [0.0]
-    progress = Progress(10, clock=lambda: now[0])
+    progress = Progress(10)
     for hits in (2, 6):  # 8 of 16 images right
-        now[0] += 1.0
-        progress.update(8, hits)
+        progress.update(8, 1.0, hits)
     assert "| 8.0 img/s | train top-1 50.0% | ETA 8s" in progress.line(0, 1, 2.0, 0.01)
-    now[0] += 1.0
-    progress.update(8)  # no hits reported (e.g. a caller without them): no top-1
+    progress.update(8, 1.0)  # no hits reported (e.g. a caller without them): no top-1
     assert "train top-1" not in progress.line(0, 1, 2.0, 0.01)
 
 

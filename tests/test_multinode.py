@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
-from cluster import checkpoint, localnet
+from cluster.ckpt import checkpoint
+import nettools
 from cluster.driver import main
-from cluster.export import consolidate
+from cluster.ckpt.consolidate import consolidate
 from parity import assert_rel_close
 from raytools import REPO, own_head, short_tmpdir, worker_node
 from test_resume import shard_tensors
@@ -96,11 +97,11 @@ def test_a_job_spanning_two_worker_nodes_equals_the_single_node_run(tiny_demo, s
         proc = run_driver(head, job_args(tiny_demo, tmp / "run"), tmp / "driver.log")
         listeners = set()
         while proc.poll() is None:  # the three nodes' and the job's sockets, while it runs
-            tree = localnet.process_tree(roots=[proc.pid], pgids=[proc.pid, head.pgid, node_a.pgid, node_b.pgid])
-            listeners.update((l.process, l.addr) for l in localnet.listening_sockets(tree))
+            tree = nettools.process_tree(roots=[proc.pid], pgids=[proc.pid, head.pgid, node_a.pgid, node_b.pgid])
+            listeners.update((l.process, l.addr) for l in nettools.listening_sockets(tree))
             time.sleep(0.5)
         assert {process for process, _ in listeners} >= {"raylet", "gcs_server"}
-        assert all(localnet.is_loopback(addr) for _, addr in listeners), listeners
+        assert all(nettools.is_loopback(addr) for _, addr in listeners), listeners
         out = (tmp / "driver.log").read_text()
         assert proc.returncode == 0, out[-4000:]
         rows = placement_rows(out)

@@ -9,10 +9,11 @@ import json
 import pytest
 import torch
 
-from cluster.actor_mesh import ActorMesh
+from cluster.launch.actor_mesh import ActorMesh
 from cluster.config import ConfigError
-from cluster.schedule import expected_bubble, ideal_bubble, peak_in_flight, stage_actions
-from cluster.timeline import step_summary, write_trace
+from cluster.plan.schedule import expected_bubble, ideal_bubble, peak_in_flight, stage_actions
+from cluster.rank.report import StepReport
+from cluster.telemetry.timeline import step_summary, write_trace
 from parity import (LRS, RTOL, assert_rel_close, batches, one_mesh_at_a_time, reference_evaluation, reference_run,
                     small_config)
 from stages.split import format_split, layer_costs, parse_split
@@ -55,10 +56,10 @@ def test_time_balanced_split_is_measured_once_into_a_table():
 
 
 def weights_after_steps(workers: ActorMesh, schedule: str, microbatches: int) -> tuple[dict, list]:
-    workers.call("reset", workers.config.seed)
+    workers.reset(workers.config.seed)
     for (images, labels, lighting), lr in zip(batches(workers.config, len(LRS)), LRS):
         reports = workers.train_step(images, labels, lr, lighting, microbatches=microbatches, schedule=schedule)
-    weights = {name: w for params in workers.call("named_parameters") for name, w in params.items()}
+    weights = {name: w for params in workers.named_parameters() for name, w in params.items()}
     return weights, reports
 
 
@@ -74,11 +75,11 @@ def check_every_schedule_and_microbatch_count(workers: ActorMesh) -> None:
             for name, w in weights.items():
                 assert_rel_close(w, final[name], f"S={stages} M={m} {schedule}: {name} after {len(LRS)} steps")
             for report in reports:  # the actor's own count of microbatches held for backward
-                s = report["stage"]
+                s = report.stage
                 bound = m if schedule == "gpipe" else min(stages - s, m)
-                assert report["peak_in_flight"] == bound, (schedule, m, s)
-            last = [r for r in reports if r["stage"] == stages - 1]
-            assert all(abs(r["loss"] - last[0]["loss"]) < 1e-6 for r in last)
+                assert report.peak_in_flight == bound, (schedule, m, s)
+            last = [r for r in reports if r.stage == stages - 1]
+            assert all(abs(r.loss - last[0].loss) < 1e-6 for r in last)
 
 
 # Tests run in file order; those needing the same mesh are neighbours, so each mesh starts once.
@@ -94,12 +95,12 @@ def test_two_stages_cut_at_conv2_conv3_match_the_reference(meshes):
 def test_pipeline_gradients_and_logits_match_the_reference(meshes):
     workers = meshes(2)
     first, _ = reference_run(workers.config)
-    workers.call("reset", workers.config.seed)
+    workers.reset(workers.config.seed)
     probes = workers.probe(*next(batches(workers.config, 1)), microbatches=4)
-    last = [p for p in probes if p["stage"] == 1]  # tower 0's classes, then tower 1's
-    assert_rel_close(torch.cat([p["logits"] for p in last], dim=1), first["logits"], "logits")
-    assert abs(last[0]["loss"] - first["loss"]) <= RTOL * abs(first["loss"])
-    grads = {name: g for probe in probes for name, g in probe["grads"].items()}
+    last = [p for p in probes if p.stage == 1]  # tower 0's classes, then tower 1's
+    assert_rel_close(torch.cat([p.logits for p in last], dim=1), first["logits"], "logits")
+    assert abs(last[0].loss - first["loss"]) <= RTOL * abs(first["loss"])
+    grads = {name: g for probe in probes for name, g in probe.grads.items()}
     assert grads.keys() == first["grads"].keys()
     for name, grad in grads.items():
         assert_rel_close(grad, first["grads"][name], f"gradient of {name}")
@@ -119,7 +120,7 @@ def test_1f1b_holds_fewer_activations_than_gpipe(meshes):
     peak = {}
     for schedule in ("gpipe", "1f1b"):
         _, reports = weights_after_steps(workers, schedule, 8)
-        peak[schedule] = max(r["peak_activation_bytes"] for r in reports if r["stage"] == 0)
+        peak[schedule] = max(r.peak_activation_bytes for r in reports if r.stage == 0)
     # stage 0 holds 8 microbatches' maps under GPipe, 2 under 1F1B (each microbatch the same size)
     assert peak["1f1b"] * 4 == peak["gpipe"], peak
 
@@ -134,11 +135,11 @@ def test_evaluation_through_the_pipeline_matches_the_reference(meshes):
     weights = torch.ones(labels.shape[0])
     weights[-1] = 0.0  # a padding row
     expected = reference_evaluation(workers.config, images, labels, weights)
-    workers.call("reset", workers.config.seed)
+    workers.reset(workers.config.seed)
     result = workers.evaluate(images, labels, weights, microbatches=4)
-    assert result["images"] == labels.shape[0] - 1
-    assert abs(result["loss_sum"] - expected["loss_sum"]) <= RTOL * abs(expected["loss_sum"])
-    assert (result["top1"], result["top5"]) == (expected["top1"], expected["top5"])
+    assert result.images == labels.shape[0] - 1
+    assert abs(result.loss_sum - expected["loss_sum"]) <= RTOL * abs(expected["loss_sum"])
+    assert (result.top1, result.top5) == (expected["top1"], expected["top5"])
 
 
 def test_trace_is_chrome_trace_json_with_one_track_per_actor(meshes, tmp_path):
@@ -161,7 +162,7 @@ def test_trace_is_chrome_trace_json_with_one_track_per_actor(meshes, tmp_path):
         assert kinds.count("F") == 4 and kinds.count("B") == 4
         assert kinds.count("send") == (0 if rank >= 4 else 4)
     summary = step_summary(reports)
-    assert 0.0 <= summary["bubble"] < 1.0 and len(summary["actors"]) == 6
+    assert 0.0 <= summary.bubble < 1.0 and len(summary.actors) == 6
 
 
 def test_schedules_are_what_the_papers_describe():
@@ -187,14 +188,15 @@ def test_schedules_are_what_the_papers_describe():
 
 def test_step_bubble_is_idle_time_in_the_common_window():
     # two actors; the step runs from t = 100 (first start) to t = 110 (last flush)
-    reports = [{"rank": 0, "stage": 0, "tower": 0, "started": 100.0, "finished": 109.0, "compute_s": 8.0,
-                "wait_s": 1.0, "peak_in_flight": 2, "peak_activation_bytes": 10},
-               {"rank": 1, "stage": 1, "tower": 0, "started": 100.5, "finished": 110.0, "compute_s": 6.0,
-                "wait_s": 3.5, "peak_in_flight": 1, "peak_activation_bytes": 5}]
+    common = dict(replica=0, tower=0, images=8, seconds=10.0, exchange_s=0.0, exchange_bytes=0)
+    reports = [StepReport(rank=0, stage=0, started=100.0, finished=109.0, compute_s=8.0, wait_s=1.0, peak_in_flight=2,
+                          peak_activation_bytes=10, **common),
+               StepReport(rank=1, stage=1, started=100.5, finished=110.0, compute_s=6.0, wait_s=3.5, peak_in_flight=1,
+                          peak_activation_bytes=5, **common)]
     summary = step_summary(reports)
-    assert summary["window_s"] == pytest.approx(10.0)
-    assert [a["bubble"] for a in summary["actors"]] == pytest.approx([0.2, 0.4])
-    assert summary["bubble"] == pytest.approx(0.3)
+    assert summary.window_s == pytest.approx(10.0)
+    assert [a.bubble for a in summary.actors] == pytest.approx([0.2, 0.4])
+    assert summary.bubble == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -6,11 +6,11 @@ placement plan keeps towers together, packs stages, spreads replicas and says wh
 import pytest
 import torch
 
-from cluster import localnet
-from cluster.actor_mesh import ActorMesh
+from cluster.launch import localnet
+from cluster.launch.actor_mesh import ActorMesh
 from cluster.config import ConfigError
-from cluster.mesh import Mesh
-from cluster.placement import Node, PlacementError, plan_placement
+from cluster.plan.mesh import Mesh
+from cluster.plan.placement import Node, PlacementError, plan_placement
 from parity import LRS, assert_rel_close, batches, one_mesh_at_a_time, reference_run, small_config
 
 SPLIT = {1: "conv1-fc8", 2: "conv1-conv2 | conv3-fc8"}
@@ -37,12 +37,12 @@ def per_replica(tensor: torch.Tensor, replicas: int) -> list[torch.Tensor]:
 
 
 def train_replicas(workers: ActorMesh, microbatches: int) -> tuple[dict, list]:
-    workers.call("reset", workers.config.seed)
+    workers.reset(workers.config.seed)
     replicas = workers.mesh.replicas
     for (images, labels, lighting), lr in zip(batches(global_config(workers), len(LRS)), LRS):
         reports = workers.train_step(per_replica(images, replicas), per_replica(labels, replicas), lr,
                                      per_replica(lighting, replicas), microbatches=microbatches)
-    per_rank = workers.call("named_parameters")
+    per_rank = workers.named_parameters()
     return per_rank, reports
 
 
@@ -59,8 +59,8 @@ def test_replicas_train_to_the_reference_on_the_global_batch(meshes, replicas, s
             for name, ref in final.items():
                 assert_rel_close(weights[name], ref, f"R={replicas} S={stages} M={microbatches} replica {replica} {name}")
         if replicas > 1:
-            assert all(r["allreduce_bytes"] > 0 for r in reports)
-        losses = [reports[rank]["loss"] for rank in workers.mesh.loss_ranks()]
+            assert all(r.allreduce_bytes > 0 for r in reports)
+        losses = [reports[rank].loss for rank in workers.mesh.loss_ranks()]
         assert all(loss == loss for loss in losses)  # each replica's last stage reports its loss
 
 
@@ -81,12 +81,12 @@ def test_small_buckets_and_reduction_after_backward_give_the_same_weights(meshes
 
 def test_probe_gives_the_global_batch_gradient_and_placement_is_reported(meshes):
     workers = meshes(replicas=2, stages=1)
-    workers.call("reset", workers.config.seed)
+    workers.reset(workers.config.seed)
     first, _ = reference_run(global_config(workers))
     images, labels, lighting = next(batches(global_config(workers), 1))
     reports = workers.probe(per_replica(images, 2), per_replica(labels, 2), per_replica(lighting, 2))
     for rank in range(workers.mesh.world_size):
-        for name, grad in reports[rank]["grads"].items():
+        for name, grad in reports[rank].grads.items():
             assert_rel_close(grad, first["grads"][name], f"rank {rank} gradient {name}")
     table = workers.placement_table().splitlines()
     assert table[0].split() == ["rank", "replica", "stage", "tower", "node", "address", "GPU", "pid"]

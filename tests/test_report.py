@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.history import read_history
-from cluster.report import PLOTS, time_breakdown
+from cluster.telemetry.history import read_history
+from cluster.telemetry.plots import PLOTS, time_breakdown
 from monitored import TOTAL_STEPS, monitored_run
 from raytools import REPO
 

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from cluster import checkpoint
+from cluster.ckpt import checkpoint
 from cluster.driver import main
-from cluster.export import consolidate_with_momentum
+from cluster.ckpt.consolidate import consolidate_with_momentum
 from test_driver import tiny_run_args
 
 STEP_LOSS = re.compile(r"^step (\d+)/\d+ \| epoch \d+/\d+ \| loss ([\d.]+)", re.MULTILINE)
@@ -21,7 +21,7 @@ def losses(out: str) -> dict[int, str]:
 
 
 def shard_tensors(directory) -> dict[str, torch.Tensor]:
-    """Every tensor of every shard of checkpoint `directory` (a path, or a URI: cluster/storage.py)."""
+    """Every tensor of every shard of checkpoint `directory` (a path, or a URI: cluster/ckpt/storage.py)."""
     tensors = {}
     for shard in checkpoint.read_manifest(str(directory))[checkpoint.KEY_SHARDS]:
         state = checkpoint.load_shard(str(directory), shard["file"])

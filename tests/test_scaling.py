@@ -1,18 +1,18 @@
-"""The scaling model's arithmetic (cluster/scaling.py) against hand-computed cases: the parameter
+"""The scaling model's arithmetic (cluster/plan/scaling.py) against hand-computed cases: the parameter
 count, the bytes of each kind of traffic, the ring formulas, the pipeline bubble, the buckets of
-cluster/gradsync.py, monotonicity in bandwidth, and the mesh enumeration against the placement rule
-of cluster/placement.py."""
+cluster/rank/gradsync.py, monotonicity in bandwidth, and the mesh enumeration against the placement rule
+of cluster/plan/placement.py."""
 
 import math
 
 import pytest
 import torch
 
-from cluster import scaling as sc
-from cluster.gradsync import GradientSync
-from cluster.mesh import Mesh
-from cluster.placement import Node, PlacementError, plan_placement
-from cluster.schedule import expected_bubble, ideal_bubble
+from cluster.plan import scaling as sc
+from cluster.rank.gradsync import GradientSync
+from cluster.plan.mesh import Mesh
+from cluster.plan.placement import Node, PlacementError, plan_placement
+from cluster.plan.schedule import expected_bubble, ideal_bubble
 from stages.config import ModelConfig
 from stages.split import parse_split
 from stages.tower import LAYERS, HalfTower
@@ -71,7 +71,7 @@ def test_ring_formulas():
 
 
 def test_buckets_are_gradsyncs():
-    """Same cut as cluster/gradsync.py: last layer first, closed at 25 MiB."""
+    """Same cut as cluster/rank/gradsync.py: last layer first, closed at 25 MiB."""
     with torch.device("meta"):
         tower = HalfTower(ModelConfig(), 0)
     real = [bucket.numel * 4 for bucket in GradientSync(tower.parameters(), None, 2).buckets]

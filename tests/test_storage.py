@@ -1,4 +1,4 @@
-"""Storage through pyarrow.fs: a local path and an S3 URI behave the same (cluster/storage.py); a
+"""Storage through pyarrow.fs: a local path and an S3 URI behave the same (cluster/ckpt/storage.py); a
 run on S3 checkpoints, resumes exactly and exports; an unreachable run dir stops the run at start
 with one line, not a hang.
 
@@ -22,9 +22,10 @@ import torch
 from moto import settings as moto_settings
 from moto.server import ThreadedMotoServer
 
-from cluster import checkpoint, export, storage
+from cluster import export
+from cluster.ckpt import checkpoint, storage
 from cluster.driver import main
-from cluster.worker import STORAGE_CHECK
+from cluster.ckpt.reach import CHECK_FILE as STORAGE_CHECK
 from test_checkpoint import STEP, _worker
 from test_driver import tiny_run_args
 from test_resume import losses, shard_tensors
@@ -237,7 +238,7 @@ def test_an_actor_saves_loads_and_checks_an_s3_run_dir(s3):
     for (name, a), b in zip(trained.named_parameters().items(), restored.named_parameters().values()):
         assert torch.equal(a, b), name
     storage.open_storage(storage.join(run, STORAGE_CHECK)).write_bytes(b"token-1")
-    assert restored.check_storage(run, "token-1")["ok"]
+    assert restored.check_storage(run, "token-1").ok
     assert storage.open_storage(storage.join(run, f"{STORAGE_CHECK}.rank0")).read_bytes() == b"token-1"
 
 

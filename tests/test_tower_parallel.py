@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from cluster import localnet
-from cluster.actor_mesh import ActorMesh
+from cluster.launch import localnet
+from cluster.launch.actor_mesh import ActorMesh
 from parity import LRS, RTOL, assert_rel_close, batches, reference_evaluation, reference_run, small_config
 
 
@@ -22,16 +22,16 @@ def test_matches_reference(local_ray, towers, microbatches, variant):
     try:
         probes = workers.probe(*next(batches(config, 1)))
         for probe in probes:  # every tower reports the full loss
-            assert abs(probe["loss"] - first["loss"]) <= RTOL * abs(first["loss"])
+            assert abs(probe.loss - first["loss"]) <= RTOL * abs(first["loss"])
         if microbatches == 1:  # logits: tower 0's classes, then tower 1's
-            assert_rel_close(torch.cat([p["logits"] for p in probes], dim=1), first["logits"], "logits")
-        grads = {name: g for probe in probes for name, g in probe["grads"].items()}
+            assert_rel_close(torch.cat([p.logits for p in probes], dim=1), first["logits"], "logits")
+        grads = {name: g for probe in probes for name, g in probe.grads.items()}
         assert grads.keys() == first["grads"].keys()
         for name, grad in grads.items():
             assert_rel_close(grad, first["grads"][name], f"gradient of {name}")
         for (images, labels, lighting), lr in zip(batches(config, len(LRS)), LRS):
             workers.train_step(images, labels, lr, lighting)
-        weights = {name: w for params in workers.call("named_parameters") for name, w in params.items()}
+        weights = {name: w for params in workers.named_parameters() for name, w in params.items()}
         for name, w in weights.items():
             assert_rel_close(w, final[name], f"weight {name} after {len(LRS)} steps")
     finally:
@@ -46,7 +46,7 @@ def test_microbatch_count_does_not_change_the_result(local_ray):
         try:
             for (images, labels, lighting), lr in zip(batches(config, len(LRS)), LRS):
                 workers.train_step(images, labels, lr, lighting)
-            weights[m] = {n: w for params in workers.call("named_parameters") for n, w in params.items()}
+            weights[m] = {n: w for params in workers.named_parameters() for n, w in params.items()}
         finally:
             workers.shutdown()
     for name in weights[1]:
@@ -65,10 +65,10 @@ def test_evaluation_matches_reference(local_ray, views):
     workers = ActorMesh(config, localnet.loopback_env())
     try:
         results = [workers.evaluate(images, labels, weights)]  # the driver's path
-        results += workers.call("evaluate", workers.plan("eval"), images, labels, weights)  # both towers
+        results += workers.evaluate_each(images, labels, weights)  # both towers
     finally:
         workers.shutdown()
     for result in results:  # every tower computes the same totals
-        assert result["images"] == config.batch_size - 1
-        assert abs(result["loss_sum"] - expected["loss_sum"]) <= RTOL * abs(expected["loss_sum"])
-        assert (result["top1"], result["top5"]) == (expected["top1"], expected["top5"])
+        assert result.images == config.batch_size - 1
+        assert abs(result.loss_sum - expected["loss_sum"]) <= RTOL * abs(expected["loss_sum"])
+        assert (result.top1, result.top5) == (expected["top1"], expected["top5"])

@@ -1,11 +1,11 @@
 """Checkpoints: one shard per rank written by its actor, then a manifest written last by the driver.
 
 A checkpoint directory is complete exactly when its manifest exists: shards and manifest are each
-written atomically (cluster/storage.py: on a local or mounted path a temporary name, fsync and
+written atomically (cluster/ckpt/storage.py: on a local or mounted path a temporary name, fsync and
 rename; on an object store one upload), and the manifest only after every shard. A crash at any
 moment leaves the previous complete checkpoint as it was.
 
-Every directory here is a location of cluster/storage.py: a path or a URI (s3://, gs://, hdfs://).
+Every directory here is a location of cluster/ckpt/storage.py: a path or a URI (s3://, gs://, hdfs://).
 
 Resuming reads the manifest, checks every shard's size and sha256 against it, and refuses a
 checkpoint of another architecture or mesh with a message naming each difference.
@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from cluster import storage
+from cluster.ckpt import storage
 
 MANIFEST = "manifest.json"
 KEY_STEP, KEY_EPOCH, KEY_CONFIG, KEY_MESH, KEY_SHARDS = "step", "epoch", "config", "mesh", "shards"
@@ -64,7 +64,7 @@ def _entry(path: str) -> dict:
 
 
 def write_shard(path: str, state: dict) -> dict:
-    """Save `state` to location `path` atomically (cluster/storage.py); its manifest entry."""
+    """Save `state` to location `path` atomically (cluster/ckpt/storage.py); its manifest entry."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getbuffer()

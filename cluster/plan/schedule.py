@@ -13,7 +13,7 @@ idle share of each stage, the bubble, is (S − 1) / (M + S − 1) for both.
 
 An action is ("F", microbatch) or ("B", microbatch). What each implies — receive the input from
 stage s − 1 (or read the images at stage 0), send the output to stage s + 1 (or take the loss at
-the last stage), and the reverse for B — is the executor's business (cluster/pipeline.py).
+the last stage), and the reverse for B — is the executor's business (cluster/rank/pipeline.py).
 """
 
 SCHEDULES = ("1f1b", "gpipe")

@@ -4,7 +4,7 @@ It holds its stage's layers (stages/split.py) of one tower — a `HalfTower` tha
 activations with its partner tower through torch.distributed (NCCL on GPU, gloo on CPU) — or,
 with towers = 1, of both towers (`TwoTowerAlexNet` restricted to those layers, exchanging
 locally). Each step the driver hands it a `StepPlan`; it runs its stage's schedule over the
-microbatches (cluster/pipeline.py), stage 0 reading the images and the last stage the labels, and
+microbatches (cluster/rank/pipeline.py), stage 0 reading the images and the last stage the labels, and
 steps its optimizer after the flush. The driver wraps this class as a Ray actor; nothing here
 imports Ray, so tests can also drive it in-process.
 """
@@ -20,13 +20,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cluster import checkpoint, localnet, storage
+from cluster.ckpt import checkpoint, reach, storage
+from cluster.rank import rendezvous
+from cluster import faults
 from cluster.config import TrainConfig
-from cluster.exchange import ExchangeStats, TowerExchange
-from cluster.gradsync import GradientSync
-from cluster.pipeline import Link, StageLinks, StageRun, StepPlan
-from cluster.procstats import process_stats
-from cluster.schedule import forward_actions, stage_actions
+from cluster.rank.exchange import ExchangeStats, TowerExchange
+from cluster.rank.gradsync import GradientSync
+from cluster.rank.pipeline import Link, StageLinks, StageRun, StepPlan
+from cluster.rank.procstats import process_stats
+from cluster.rank.report import EvalScores, ProbeReport, StepReport
+from cluster.plan.schedule import forward_actions, stage_actions
 from data.transforms import normalize_batch
 from stages.loss import (local_exchange, sharded_cross_entropy, sharded_target_value, sharded_topk_correct,
                          sharded_view_average, tower_loss)
@@ -35,17 +38,6 @@ from stages.optim import PaperSGD, set_lr
 from stages.reference import TwoTowerAlexNet
 from stages.split import boundary_shape
 from stages.tower import HalfTower
-
-INJECT_FAILURE_ENV = "ALEXNET_INJECT_FAILURE"  # "RANK:STEP": that rank raises at that step (tests)
-# "STEP" or "STEP:MARKER": the loss of the run's step STEP is NaN; with MARKER, only while that
-# file does not exist, and the first time creates it (a fault that does not come back). Tests.
-INJECT_NAN_ENV = "ALEXNET_INJECT_NAN"
-# "RANK:STEP:MARKER": that rank hangs (sleeps) at the run's step STEP, once (while MARKER does not
-# exist); its partners' collectives time out. Tests.
-INJECT_HANG_ENV = "ALEXNET_INJECT_HANG"
-INJECTED_HANG_S = 300.0
-STORAGE_CHECK = ".storage-check"  # the driver's token in the run dir (check_storage)
-
 
 def _on_cpu(state, copy: bool):
     """`state` with every tensor on the CPU; `copy`: copies that later training cannot change."""
@@ -56,34 +48,6 @@ def _on_cpu(state, copy: bool):
     if isinstance(state, (list, tuple)):
         return type(state)(_on_cpu(value, copy) for value in state)
     return state
-
-
-def _nan_injected(step: int) -> bool:
-    """Whether INJECT_NAN_ENV asks for a NaN loss at this step (see there)."""
-    spec = os.environ.get(INJECT_NAN_ENV, "")
-    if not spec or step != int(spec.split(":", 1)[0]):
-        return False
-    return _first_time(spec.split(":", 1)[1] if ":" in spec else "")
-
-
-def _hang_injected(rank: int, step: int) -> bool:
-    """Whether INJECT_HANG_ENV asks this rank to hang at this step (see there)."""
-    spec = os.environ.get(INJECT_HANG_ENV, "")
-    if not spec:
-        return False
-    hang_rank, hang_step, marker = spec.split(":", 2)
-    return (rank, step) == (int(hang_rank), int(hang_step)) and _first_time(marker)
-
-
-def _first_time(marker: str) -> bool:
-    """True without a marker; with one, only while the marker file does not exist (creating it)."""
-    if not marker:
-        return True
-    try:
-        with open(marker, "x"):
-            return True
-    except FileExistsError:
-        return False
 
 
 class TowerWorker:
@@ -107,7 +71,7 @@ class TowerWorker:
         self.sync: GradientSync | None = None
         self.reset(config.seed)
         self.steps_done = 0
-        self.failure_step = self._injected_failure_step()
+        self.failure_step = faults.failure_step(rank)
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self._writing: concurrent.futures.Future | None = None
 
@@ -140,14 +104,6 @@ class TowerWorker:
             return self.device.type == "cuda"
         return self.config.overlap_allreduce == "on"
 
-    def _injected_failure_step(self) -> int | None:
-        """The step at which this rank must fail, if the environment asks for one (fault tests)."""
-        spec = os.environ.get(INJECT_FAILURE_ENV, "")
-        if not spec:
-            return None
-        rank, step = (int(part) for part in spec.split(":"))
-        return step if rank == self.rank else None
-
     # --- process groups, set up like Ray Train's torch backend
 
     def where(self) -> dict:
@@ -163,7 +119,7 @@ class TowerWorker:
         import ray  # only to ask for this node's address; the rest of this class runs without Ray
 
         host = ray.util.get_node_ip_address()
-        return host, localnet.free_port(host)
+        return host, rendezvous.free_port(host)
 
     def init_distributed(self, host: str, port: int) -> str:
         """Join the world's process group, then build each tower group and the two groups of each
@@ -173,7 +129,7 @@ class TowerWorker:
             return "none"
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=self.config.collective_timeout_s)
-        store = localnet.make_store(host, port, self.mesh.world_size, self.rank, timeout)
+        store = rendezvous.make_store(host, port, self.mesh.world_size, self.rank, timeout)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.mesh.world_size,
                                 timeout=timeout)
         for ranks in self.mesh.tower_groups():
@@ -266,7 +222,7 @@ class TowerWorker:
             if not self.last_stage:
                 return out
             loss = sharded_cross_entropy(out, targets[i], self.class_offset, self.exchange)
-            if self.coord.tower == 0 and _nan_injected(plan.step):  # the rank that reports the loss
+            if self.coord.tower == 0 and faults.nan_at(plan.step):  # the rank that reports the loss
                 loss = loss * float("nan")
             losses.append(loss.item())
             logits.append(out.detach())
@@ -281,42 +237,42 @@ class TowerWorker:
         return run, sum(losses) / plan.microbatches if losses else float("nan"), logits
 
     def train_step(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
-                   lighting: Tensor | None = None) -> dict:
+                   lighting: Tensor | None = None) -> StepReport:
         """One optimizer step on one batch: stage 0 gets the images (and lighting), the last stage
-        the labels. Returns what the driver logs; `loss` is NaN except at the last stage."""
+        the labels. Returns this actor's report of the step (its loss and hits at the last stage)."""
         start = time.perf_counter()
         if self.steps_done == self.failure_step:
-            raise RuntimeError(f"failure injected by {INJECT_FAILURE_ENV} at rank {self.rank}, step {self.steps_done}")
+            raise RuntimeError(f"failure injected by {faults.FAILURE_ENV} at rank {self.rank}, step {self.steps_done}")
         self.steps_done += 1
-        if _hang_injected(self.rank, plan.step):
-            time.sleep(INJECTED_HANG_S)
+        if faults.hang_at(self.rank, plan.step):
+            time.sleep(faults.HANG_S)
         self.exchange_stats.reset()
         set_lr(self.optimizer, plan.lr)
         run, loss, logits = self._gradients(plan, images, labels, lighting)
         optimizer_start = time.time()
         self.optimizer.step()
         run.timeline.add("optimizer", -1, optimizer_start)
-        report = {"loss": loss, "images": plan.rows * plan.microbatches, "seconds": time.perf_counter() - start,
-                  "exchange_seconds": self.exchange_stats.seconds, "exchange_bytes": self.exchange_stats.bytes_sent,
-                  **self.identity, **run.report(), **self._sync_report(), **process_stats(self.device)}
+        report = StepReport(**self.identity, images=plan.rows * plan.microbatches, seconds=time.perf_counter() - start,
+                            exchange_s=self.exchange_stats.seconds, exchange_bytes=self.exchange_stats.bytes_sent,
+                            **run.totals(), **process_stats(self.device))
+        if self.sync is not None:
+            report.allreduce_exposed_s, report.allreduce_bytes = self.sync.exposed_s, self.sync.bytes
         if self.last_stage:  # the batch's top-1/top-5 hits for progress and metrics (no gradient, no RNG)
-            report["top1"], report["top5"] = sharded_topk_correct(torch.cat(logits), labels.to(self.device),
-                                                                  self.class_offset, self.exchange)
+            report.loss = loss
+            report.top1, report.top5 = sharded_topk_correct(torch.cat(logits), labels.to(self.device),
+                                                            self.class_offset, self.exchange)
         return report
-
-    def _sync_report(self) -> dict:
-        return self.sync.report() if self.sync is not None else {"allreduce_exposed_s": 0.0, "allreduce_bytes": 0}
 
     @torch.no_grad()
     def evaluate(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
-                 weights: Tensor | None = None) -> dict | None:
+                 weights: Tensor | None = None) -> EvalScores | None:
         """Loss sum and top-1/top-5 hits over one validation batch, at the last stage (other
         stages return None).
 
         images: uint8 (b, 3, h, w), or (b, views, 3, h, w) for the paper's 10-view test, whose
         softmax is averaged over the views. weights (b,): 0 for padding rows, else 1."""
         self.model.eval()
-        totals = {"loss_sum": 0.0, "top1": 0.0, "top5": 0.0, "images": 0.0}
+        scores: list[EvalScores] = []  # one per microbatch (last stage)
         views = self.config.eval_views
         if self.first_stage:
             read_images = self._images(images.flatten(0, 1) if images.dim() == 5 else images, None, plan.rows)
@@ -334,54 +290,40 @@ class TowerWorker:
                 losses = -sharded_target_value(log_probs, targets[i], self.class_offset, self.exchange)
                 top1, top5 = sharded_topk_correct(log_probs, targets[i], self.class_offset, self.exchange,
                                                   (1, 5), row_weights[i])
-                for key, value in (("loss_sum", float((losses * row_weights[i]).sum())), ("top1", top1),
-                                   ("top5", top5), ("images", float(row_weights[i].sum()))):
-                    totals[key] += value
+                scores.append(EvalScores(float((losses * row_weights[i]).sum()), top1, top5,
+                                         float(row_weights[i].sum())))
             return out
 
         self._run(plan, forward)
-        return totals if self.last_stage else None
+        return sum(scores, EvalScores()) if self.last_stage else None
 
     # --- inspection (tests) and checkpoints
 
     def probe(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
-              lighting: Tensor | None = None) -> dict:
+              lighting: Tensor | None = None) -> ProbeReport:
         """One step's loss, logits (last stage, microbatches concatenated) and this process's
         gradients, without an optimizer step, named as in the reference network
-        (`towers.{t}.layers...`), plus the step's report."""
-        run, loss, logits = self._gradients(plan, images, labels, lighting)
+        (`towers.{t}.layers...`)."""
+        _, loss, logits = self._gradients(plan, images, labels, lighting)
         grads = {self.reference_prefix + name: p.grad.detach().cpu().clone()
                  for name, p in self.model.named_parameters()}
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss, "logits": torch.cat(logits).cpu() if logits else None, "grads": grads,
-                **self.identity, **run.report()}
+        return ProbeReport(**self.identity, loss=loss if self.last_stage else None,
+                           logits=torch.cat(logits).cpu() if logits else None, grads=grads)
 
     def named_parameters(self) -> dict[str, Tensor]:
         return {self.reference_prefix + name: p.detach().cpu().clone()
                 for name, p in self.model.named_parameters()}
 
-    def check_storage(self, run_dir: str, token: str) -> dict:
-        """Whether this actor sees the driver's run directory: it must read the driver's token
-        there and leave its own file for the driver to read (multi-node runs need storage every
-        node reaches). `run_dir` is a path or a URI (cluster/storage.py); this process finds the
-        credentials for it itself. Answers instead of raising, so the driver can name every actor
-        that fails."""
-        answer = {"rank": self.rank, "host": socket.gethostname(), "ok": False, "detail": ""}
-        try:
-            run = storage.open_storage(run_dir)
-            if run.child(STORAGE_CHECK).read_bytes().decode() != token:
-                answer["detail"] = f"found another run's {STORAGE_CHECK} in {run_dir}"
-                return answer
-            run.child(f"{STORAGE_CHECK}.rank{self.rank}").write_bytes(token.encode())
-        except (OSError, ValueError) as err:  # ValueError: a URI this process's pyarrow cannot open
-            answer["detail"] = storage.error_line(err)
-            return answer
-        answer["ok"] = True
-        return answer
+    def check_storage(self, run_dir: str, token: str) -> reach.Answer:
+        """This actor's side of the run-dir check (cluster/ckpt/reach.py): it must read the driver's
+        token in `run_dir` (a path or a URI, opened with this process's own credentials) and leave
+        it back in a file of its own."""
+        return reach.answer(run_dir, token, self.rank)
 
     def save(self, directory: str, asynchronous: bool = False) -> dict | None:
         """Write this rank's shard of checkpoint `directory` (a path or a URI) atomically
-        (cluster/storage.py) and return its manifest entry. `asynchronous`: copy the state now
+        (cluster/ckpt/storage.py) and return its manifest entry. `asynchronous`: copy the state now
         (the only stall) and write it in a thread while training goes on; `finish_save` returns
         the entry. Replicas other than 0 write only their coordinates and RNG state: their
         weights and momentum are replica 0's."""

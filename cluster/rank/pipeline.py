@@ -1,4 +1,4 @@
-"""Running one pipeline stage's share of a step: the actions of a schedule (cluster/schedule.py),
+"""Running one pipeline stage's share of a step: the actions of a schedule (cluster/plan/schedule.py),
 the point-to-point transfers between neighbouring stages, and the stage's own timeline.
 
 Transport. Stage s of a (replica, tower) lane sends its output maps to stage s + 1 of the same
@@ -9,7 +9,7 @@ transfers apart. Shapes come from the step's plan and the split (stages/split.py
 handshake; a receive for the next microbatch is posted while the current one computes.
 
 Accounting. Every forward, backward, receive wait and send is recorded with wall-clock times, so
-the driver can compute the bubble and write a trace (cluster/timeline.py). Activation memory is
+the driver can compute the bubble and write a trace (cluster/telemetry/timeline.py). Activation memory is
 measured, not estimated: a saved-tensors hook adds up the storages autograd keeps for each
 microbatch's backward (parameters excluded), and the stage reports its peak over the step along
 with the peak number of microbatches in flight.
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cluster.schedule import Action
+from cluster.plan.schedule import Action
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,14 +205,8 @@ class StageRun:
         self._sends.append(link.send(tensor.contiguous(), tag))
         self.timeline.add(kind, tag % self.plan.microbatches, start)
 
-    def report(self) -> dict:
-        """What the driver aggregates: the events and the stage's totals for this step."""
-        return {
-            "events": list(self.timeline.events),
-            "started": self.started,
-            "finished": self.finished,
-            "compute_s": self.timeline.total("F", "B"),
-            "wait_s": self.timeline.total("recv", "recv grad", "flush"),
-            "peak_in_flight": self.meter.peak_count,
-            "peak_activation_bytes": self.meter.peak_bytes,
-        }
+    def totals(self) -> dict:
+        """This step's timeline in StepReport's fields (cluster/rank/report.py)."""
+        return {"events": list(self.timeline.events), "started": self.started, "finished": self.finished,
+                "compute_s": self.timeline.total("F", "B"), "wait_s": self.timeline.total("recv", "recv grad", "flush"),
+                "peak_in_flight": self.meter.peak_count, "peak_activation_bytes": self.meter.peak_bytes}

@@ -3,8 +3,8 @@ from this network's per-layer compute and the bytes each kind of traffic moves o
 and the same for Krizhevsky's "one weird trick" (arXiv:1404.5997) for comparison. docs/SCALING.md
 explains it and gives its tables; bench/scaling.py prints them and measures the all-reduce here.
 
-Pure arithmetic: it imports stages/ (shapes, multiply-adds), cluster.schedule and cluster.mesh
-(the replica limit), never Ray.
+Pure arithmetic: it imports stages/ (shapes, multiply-adds), cluster.plan (the schedules,
+the replica limit, the placement rule and the gradient buckets the runtime uses), never Ray.
 
 Inputs
   compute   seconds of forward + backward of one layer for `images` images on one GPU holding
@@ -31,12 +31,12 @@ Equations (per optimizer step; B images per replica in M microbatches of b = B /
   pipeline   1F1B: T = Σ_s (f_s + b_s) + 2 Σ_c c + (M − 1) · max(max_s (f_s + b_s), max_c c);
              GPipe: T = Σ f + Σ c + (M − 1) max(f, c) + Σ b + Σ c + (M − 1) max(b, c).
              Equal stages and free links give the ideal bubble (S − 1) / (M + S − 1)
-             (cluster.schedule.expected_bubble, with the links as extra stages).
+             (cluster.plan.schedule.expected_bubble, with the links as extra stages).
   all-reduce ring over the R replicas of each (stage, tower): 2 (R − 1) / R · V / bw + 2 (R − 1) · α
              per bucket of V bytes. Inside a node bw = bw_intra. Across nodes each ring crosses
              each of its nodes' NICs once, and the rings sharing a NIC share it fairly, all
              starting together: a ring of V bytes ends after Σ_h min(V_h, V) / bw_inter.
-  overlap    as cluster/gradsync.py does it: 25 MiB buckets of the parameters, last layer first,
+  overlap    as cluster/rank/gradsync.py does it: 25 MiB buckets of the parameters, last layer first,
              each launched once its gradients are final, i.e. during the last microbatch's
              backward of the stage, strictly in order, one at a time on the link. Stage s's last
              backward ends Σ_{s' < s} (b_s' + c) before the pipeline's end (stage 0's), so later
@@ -60,18 +60,19 @@ from collections.abc import Iterator
 
 import torch
 
-from cluster.mesh import MAX_REPLICAS
-from cluster.schedule import ideal_bubble
+from cluster.plan.buckets import DEFAULT_BUCKET_BYTES, bucket_layout
+from cluster.plan.mesh import MAX_REPLICAS, Mesh
+from cluster.plan.placement import Node, PlacementError, plan_placement
+from cluster.plan.schedule import SCHEDULES, ideal_bubble
 from stages.config import TOWERS, ModelConfig
 from stages.split import Split, boundary_shape, layer_costs, layer_shapes
 from stages.tower import CROSS_LAYERS, LAYERS, HalfTower
 
 GBIT = 1e9 / 8  # bytes per second in one Gb/s
 MIB = 2**20
-BUCKET_BYTES = 25 * MIB  # cluster/gradsync.py DEFAULT_BUCKET_BYTES (DDP's default)
+BUCKET_BYTES = DEFAULT_BUCKET_BYTES  # the runtime's (cluster/plan/buckets.py)
 OPTIMIZER_BYTES_PER_PARAM = 20  # fp32: read weight, gradient, momentum; write weight, momentum
 WEIGHT_PASSES = 4  # a layer's weights are read in forward and backward, its gradient read and written
-SCHEDULES = ("1f1b", "gpipe")
 CONV_LAYERS = LAYERS[:5]
 PAPER = ModelConfig()  # 224×224, 1000 classes: the network the GPU tables are for
 FC_LAYERS = LAYERS[5:]
@@ -212,26 +213,14 @@ def cluster(gpus: int, nodes: int, links: Links) -> Cluster:
 
 
 def place(replicas: int, stages: int, towers: int, nodes: int, gpus_per_node: int) -> list[list[int]] | None:
-    """The node of every (replica, stage), or None if the mesh does not fit: the rule of
-    cluster/placement.py `plan_placement` with one GPU per actor (a stage's towers on one node,
-    a replica's stages packed onto the previous stage's node while it fits, each replica started
-    on the node hosting the fewest replicas, most free GPUs first, lowest index on ties)."""
-    free = [gpus_per_node] * nodes
-    hosted = [0] * nodes
-    plan = []
-    for _ in range(replicas):
-        order = sorted(range(nodes), key=lambda n: (hosted[n], -free[n], n))
-        where: list[int] = []
-        for _ in range(stages):
-            node = next((n for n in where[-1:] + order if free[n] >= towers), None)
-            if node is None:
-                return None
-            free[node] -= towers
-            where.append(node)
-        for node in set(where):
-            hosted[node] += 1
-        plan.append(where)
-    return plan
+    """The node index of every (replica, stage), or None if the mesh does not fit: the runtime's
+    rule (cluster/plan/placement.py `plan_placement`) on `nodes` equal nodes, one GPU per actor."""
+    cluster_nodes = [Node(f"{n:06d}", f"node {n}", {"GPU": gpus_per_node}) for n in range(nodes)]
+    try:
+        plan = plan_placement(Mesh(replicas, stages, towers), {"GPU": 1}, cluster_nodes)
+    except PlacementError:
+        return None
+    return [[int(node.node_id) for node in where] for where in plan]
 
 
 def meshes(gpus: int, nodes: int) -> list[tuple[int, int, int]]:
@@ -275,18 +264,10 @@ def ring_allgather_s(total_bytes: float, ranks: int, bytes_s: float, latency_s: 
 
 
 def buckets(sizes: list[tuple[str, int]], bucket_bytes: int, dtype_bytes: int) -> list[tuple[int, list[str]]]:
-    """cluster/gradsync.py's buckets: `sizes` are (layer, parameters) in module order; reversed,
-    cut once a bucket reaches `bucket_bytes`. Returns (bytes, layers) per bucket."""
-    out, layers, size = [], [], 0
-    for layer, numel in reversed(sizes):
-        layers.append(layer)
-        size += numel * dtype_bytes
-        if size >= bucket_bytes:
-            out.append((size, layers))
-            layers, size = [], 0
-    if layers:
-        out.append((size, layers))
-    return out
+    """The runtime's buckets (cluster/plan/buckets.py) of `sizes`, (layer, parameters) in module
+    order, at `dtype_bytes` per value. Returns (bytes, layers) per bucket, in launch order."""
+    layout = bucket_layout([numel * dtype_bytes for _, numel in sizes], bucket_bytes)
+    return [(sum(sizes[i][1] for i in indices) * dtype_bytes, [sizes[i][0] for i in indices]) for indices in layout]
 
 
 def overlapped_end(bucket_list: list[tuple[int, list[str]]], ready: dict, seconds) -> float:

@@ -1,4 +1,4 @@
-"""A process's own resource use, reported with each step's result (cluster/worker.py) so the driver's
+"""A process's own resource use, reported with each step's result (cluster/rank/worker.py) so the driver's
 metrics need no extra calls: resident memory, and on a GPU the device memory allocated and
 reserved by PyTorch's caching allocator and the device's utilisation."""
 

@@ -26,7 +26,6 @@ every manifest.
 - **Other filesystems (HDFS):** a temporary name, then a rename, which is atomic on HDFS.
 """
 
-import fnmatch
 import functools
 import os
 import posixpath
@@ -36,10 +35,9 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
+from cluster import faults
+
 TMP_SUFFIX = ".tmp"  # a local or HDFS file's name while it is being written
-# "SECONDS:PATTERN": a local write of a file whose path matches the fnmatch PATTERN stops for
-# SECONDS half-way, its temporary file half written (tests kill the writer there).
-INJECT_SLOW_WRITE_ENV = "ALEXNET_INJECT_SLOW_WRITE"
 S3_TIMEOUTS = ("connect_timeout", "request_timeout")  # seconds; S3 query options of ours
 OBJECT_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")
                       if hasattr(pafs, name))
@@ -206,15 +204,16 @@ class Storage:
 
 
 def _write_maybe_slowly(f, path: str, data) -> None:
-    """`f.write(data)`, or with INJECT_SLOW_WRITE_ENV matching `path`, half of it, a pause, the rest."""
-    seconds, _, pattern = os.environ.get(INJECT_SLOW_WRITE_ENV, "").partition(":")
-    if not seconds or not fnmatch.fnmatch(path, pattern):
+    """`f.write(data)`, or, when a test asks for it (cluster/faults.py SLOW_WRITE_ENV), half of it,
+    a pause, the rest."""
+    pause = faults.slow_write_pause(path)
+    if pause is None:
         f.write(data)
         return
     view = memoryview(data).cast("B")
     f.write(view[:len(view) // 2])
     f.flush()
-    time.sleep(float(seconds))
+    time.sleep(pause)
     f.write(view[len(view) // 2:])
 
 

@@ -1,5 +1,5 @@
-"""The Ray side of the mesh: one `TowerWorker` actor per rank, their process groups, and calls that
-fan out to every actor and gather the answers.
+"""The Ray side of the mesh: one `TowerWorker` actor per rank, their process groups, and one typed
+method per call that fans out to every actor and gathers the answers in rank order.
 
 Process groups are set up the way Ray Train's torch backend does it: rank 0 reports its address
 and a free port, the driver hands them to every actor, all actors initialise together and the
@@ -10,11 +10,15 @@ import logging
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from torch import Tensor
 
+from cluster.ckpt.reach import Answer
 from cluster.config import ConfigError, TrainConfig
-from cluster.pipeline import StepPlan
-from cluster.placement import PlacementError, format_placement, place, release
-from cluster.worker import TowerWorker
+from cluster.rank.pipeline import StepPlan
+from cluster.launch.placement_groups import place, release
+from cluster.plan.placement import PlacementError, format_placement
+from cluster.rank.report import EvalScores, ProbeReport, StepReport
+from cluster.rank.worker import TowerWorker
 
 __all__ = ["ActorMesh", "PlacementError"]
 
@@ -47,9 +51,10 @@ class ActorMesh:
                 num_cpus=per_actor["CPU"], num_gpus=per_actor.get("GPU", 0), scheduling_strategy=strategy,
                 runtime_env={"env_vars": dict(env_vars or {})}, max_restarts=0).remote(self.config, rank))
         self._wait_until_started(per_actor)
-        self.where = self.call("where")
+        self.where = self._gather([actor.where.remote() for actor in self.actors])
         self.rendezvous = ray.get(self.actors[0].rendezvous_address.remote())
-        self.backend = self.call("init_distributed", *self.rendezvous)[0]
+        host, port = self.rendezvous
+        self.backend = self._gather([actor.init_distributed.remote(host, port) for actor in self.actors])[0]
 
     def placement_table(self) -> str:
         return format_placement(self.mesh, self.where)
@@ -67,11 +72,40 @@ class ActorMesh:
                 f"free those resources, add nodes or raise --placement-timeout-s")
         ray.get(ready)  # an actor whose constructor failed raises here
 
-    def call(self, method: str, *args) -> list:
-        """Call `method(*args)` on every actor at once; the answers in rank order. An exception in
-        any actor is raised here as soon as it happens, with that actor's traceback (its partners
-        may be blocked in a collective, waiting for it)."""
-        return self._gather([getattr(actor, method).remote(*args) for actor in self.actors])
+    # --- calls on every actor; each answers in rank order. An exception in any actor is raised as
+    # soon as it happens, with that actor's traceback (its partners may be blocked in a
+    # collective, waiting for it).
+
+    def reset(self, seed: int) -> None:
+        """Fresh weights (the paper's init from `seed`) and optimizer state on every actor."""
+        self._gather([actor.reset.remote(seed) for actor in self.actors])
+
+    def named_parameters(self) -> list[dict[str, Tensor]]:
+        """Each rank's parameters under the reference network's names, on the CPU."""
+        return self._gather([actor.named_parameters.remote() for actor in self.actors])
+
+    def check_storage(self, run_dir: str, token: str) -> list[Answer]:
+        """Each actor's side of the run-dir check (cluster/ckpt/reach.py)."""
+        return self._gather([actor.check_storage.remote(run_dir, token) for actor in self.actors])
+
+    def save(self, directory: str, asynchronous: bool = False) -> list[dict | None]:
+        """Every rank writes its shard of checkpoint `directory`; their manifest entries (None
+        while an asynchronous write goes on: `finish_save` gives them)."""
+        return self._gather([actor.save.remote(directory, asynchronous) for actor in self.actors])
+
+    def finish_save(self) -> list[dict | None]:
+        """Wait for the asynchronous shard writes; their manifest entries."""
+        return self._gather([actor.finish_save.remote() for actor in self.actors])
+
+    def load(self, directory: str) -> None:
+        """Every rank loads its own shard of checkpoint `directory` (same mesh shape)."""
+        self._gather([actor.load.remote(directory) for actor in self.actors])
+
+    def load_consolidated(self, state: dict, momentum: dict) -> None:
+        """Every rank takes its layers from a whole network's weights and momentum (reference
+        names), put once in the object store: a checkpoint of another mesh shape."""
+        whole = ray.put((state, momentum))
+        self._gather([actor.load_consolidated.remote(whole) for actor in self.actors])
 
     @staticmethod
     def _gather(refs: list) -> list:
@@ -122,11 +156,11 @@ class ActorMesh:
             raise ValueError(f"the mesh has {self.mesh.replicas} replicas: pass one input per replica")
         return [value]
 
-    def _step(self, method: str, plan: StepPlan, first: dict, last: dict) -> list:
-        """`method(plan, **inputs)` on every actor: stage 0 of replica r gets `first`'s values for
-        r (images and what goes with them), its last stage `last`'s (labels and what goes with
-        them); a stage that is both gets both. Each value: a list with one entry per replica, or
-        a single one for a one-replica mesh."""
+    def _step(self, method, plan: StepPlan, first: dict, last: dict) -> list:
+        """`method(actor).remote(plan, **inputs)` on every actor (`method` picks the remote method):
+        stage 0 of replica r gets `first`'s values for r (images and what goes with them), its
+        last stage `last`'s (labels and what goes with them); a stage that is both gets both.
+        Each value: a list with one entry per replica, or a single one for a one-replica mesh."""
         first = {key: self._replicas(value) for key, value in first.items()}
         last = {key: self._replicas(value) for key, value in last.items()}
         refs = []
@@ -135,27 +169,30 @@ class ActorMesh:
             inputs = {**({key: values[coord.replica] for key, values in first.items()} if coord.stage == 0 else {}),
                       **({key: values[coord.replica] for key, values in last.items()}
                          if coord.stage == self.mesh.stages - 1 else {})}
-            refs.append(getattr(actor, method).remote(plan, **inputs))
+            refs.append(method(actor).remote(plan, **inputs))
         return self._gather(refs)
 
-    def train_step(self, images, labels, lr: float, lighting=None, **plan) -> list[dict]:
+    def train_step(self, images, labels, lr: float, lighting=None, **plan) -> list[StepReport]:
         """One optimizer step on every actor; the reports in rank order."""
-        return self._step("train_step", self.plan("train", lr, **plan), {"images": images, "lighting": lighting},
-                          {"labels": labels})
+        return self._step(lambda actor: actor.train_step, self.plan("train", lr, **plan),
+                          {"images": images, "lighting": lighting}, {"labels": labels})
 
-    def probe(self, images, labels, lighting=None, **plan) -> list[dict]:
+    def probe(self, images, labels, lighting=None, **plan) -> list[ProbeReport]:
         """Loss, logits and gradients of one batch without a step (tests)."""
-        return self._step("probe", self.plan("probe", **plan), {"images": images, "lighting": lighting},
-                          {"labels": labels})
+        return self._step(lambda actor: actor.probe, self.plan("probe", **plan),
+                          {"images": images, "lighting": lighting}, {"labels": labels})
 
-    def evaluate(self, images, labels, weights=None, **plan) -> dict:
+    def evaluate(self, images, labels, weights=None, **plan) -> EvalScores:
         """Loss sum and top-k hits of one validation batch per replica (padding rows weigh 0),
         added over the replicas, each from its last stage of tower 0 (every tower of it computes
         the same)."""
-        results = self._step("evaluate", self.plan("eval", **plan), {"images": images},
-                             {"labels": labels, "weights": weights})
-        scores = [results[rank] for rank in self.mesh.loss_ranks()]
-        return {key: sum(score[key] for score in scores) for key in scores[0]}
+        results = self.evaluate_each(images, labels, weights, **plan)
+        return sum((results[rank] for rank in self.mesh.loss_ranks()), EvalScores())
+
+    def evaluate_each(self, images, labels, weights=None, **plan) -> list[EvalScores | None]:
+        """Every rank's scores of one validation batch per replica (None but at the last stages)."""
+        return self._step(lambda actor: actor.evaluate, self.plan("eval", **plan), {"images": images},
+                          {"labels": labels, "weights": weights})
 
     @staticmethod
     def put(value) -> "ray.ObjectRef":

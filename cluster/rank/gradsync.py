@@ -1,7 +1,8 @@
 """Data parallelism: the replicas of one (stage, tower) average their gradients every step.
 
-Buckets, the way DistributedDataParallel does it: the parameters, last layer first (the order
-backward produces their gradients), are cut into buckets of about `bucket_bytes`. A gradient is
+Buckets, the way DistributedDataParallel does it (cluster/plan/buckets.py): the parameters, last
+layer first (the order backward produces their gradients), are cut into buckets of about
+`bucket_bytes`. A gradient is
 final once it has accumulated all M microbatches of the step (a hook counts them); when every
 gradient of a bucket is final, the bucket is flattened and its all-reduce starts asynchronously
 while backward goes on with the earlier layers. Buckets are launched strictly in index order, so
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's default
+from cluster.plan.buckets import DEFAULT_BUCKET_BYTES, bucket_layout
 
 
 class _Bucket:
@@ -39,17 +40,8 @@ class GradientSync:
                  overlap: bool = True):
         self.group, self.replicas, self.overlap = group, replicas, overlap
         params = [p for p in parameters if p.requires_grad]
-        self.buckets: list[_Bucket] = []
-        current: list[Tensor] = []
-        size = 0
-        for p in reversed(params):
-            current.append(p)
-            size += p.numel() * p.element_size()
-            if size >= bucket_bytes:
-                self.buckets.append(_Bucket(current))
-                current, size = [], 0
-        if current:
-            self.buckets.append(_Bucket(current))
+        layout = bucket_layout([p.numel() * p.element_size() for p in params], bucket_bytes)
+        self.buckets = [_Bucket([params[i] for i in indices]) for indices in layout]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._hooks = [p.register_post_accumulate_grad_hook(self._accumulated) for p in params]
         self.start(0)  # disarmed until a step starts: backward passes outside a step launch nothing
@@ -111,6 +103,3 @@ class GradientSync:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
-
-    def report(self) -> dict:
-        return {"allreduce_exposed_s": self.exposed_s, "allreduce_bytes": self.bytes}

@@ -22,7 +22,7 @@ import json
 import os
 import time
 
-from cluster import storage
+from cluster.ckpt import storage
 
 HISTORY_FILE = "metrics.jsonl"
 

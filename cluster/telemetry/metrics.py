@@ -7,22 +7,17 @@ turns the reports into
 
 - Prometheus metrics (`Exporter`, names below) in a registry of its own, served over HTTP from
   the driver on `--metrics-addr` for the whole run, across mesh restarts;
-- the run's history, `RUN_DIR/metrics.jsonl` (cluster/history.py), for plots and tables;
+- the run's history, `RUN_DIR/metrics.jsonl` (cluster/telemetry/history.py), for plots and tables;
 - a summary table at the end of each epoch and of the run.
 
 Names follow Prometheus's conventions: prefix `alexnet_`, base units (`_seconds`, `_bytes`),
 `_total` for counters, `_ratio` for shares in [0, 1]. Actor metrics carry `replica`, `stage` and
 `tower` labels (one series per actor); bad samples `split` and `reason` (the loader's fixed
 reasons); restarts `cause` (RESTART_CAUSES). Per-actor phase seconds split each step's loop time
-(data wait + the step on the actors + the driver's own work) into disjoint parts, so they stack:
-`compute` (forward and backward, exchange excluded), `exchange` (the cross-tower collectives),
-`pipeline_wait` (waiting for a neighbouring stage), `allreduce` (waiting for the replicas'
-gradient all-reduce after backward), `data_wait` (the driver waiting for the batch) and `other`
-(optimizer step, input normalisation, dispatch, checkpoint stalls).
+into the disjoint phases of cluster/telemetry/step.py, so they stack.
 """
 
 import collections
-import dataclasses
 import importlib.metadata
 import logging
 import math
@@ -33,19 +28,17 @@ from collections.abc import Iterable, Iterator
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector,
                                generate_latest, start_http_server)
 
-from cluster import storage
-from cluster.history import HistoryWriter, read_history
-from cluster.progress import format_duration
-from cluster.timeline import step_summary
+from cluster.ckpt import storage
+from cluster.telemetry.history import HistoryWriter, read_history
+from cluster.telemetry.progress import RATE_WINDOW, Progress, format_duration
+from cluster.telemetry.step import PHASES, StepSummary, Totals
 
 log = logging.getLogger(__name__)
 
 PREFIX = "alexnet"
 ACTOR_LABELS = ("replica", "stage", "tower")
-PHASES = ("compute", "exchange", "pipeline_wait", "allreduce", "data_wait", "other")
 RESTART_CAUSES = ("actor_died", "collective_timeout", "collective_failed", "nonfinite_loss")
 SNAPSHOT_FILE = "metrics.prom"  # the exporter's last values, in the text format, at the end of the run
-RATE_WINDOW = 20  # steps over which images/s, decoded images/s and the ETA are measured
 
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 150.0)
 _CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -61,10 +54,8 @@ class Metrics:
         """`batches`, timed as they are decoded (for decoded images/s)."""
         return batches
 
-    def step(self, step: int, epoch: int, lr: float, results: list[dict], data_wait: float,
-             seconds: float) -> None:
-        """Step `step` (1-based) is done: every actor's train_step result, the seconds the loop
-        waited for the batch, and the step's seconds from that wait to the results."""
+    def step(self, summary: StepSummary, progress: Progress) -> None:
+        """A step is done (cluster/telemetry/step.py); `progress` has the run's rate and ETA."""
 
     def epoch(self, result) -> None:
         """Epoch `result.epoch` (0-based) is evaluated: a trainer.EpochResult."""
@@ -128,7 +119,7 @@ class Exporter:
                                        buckets=_STEP_BUCKETS)
         self.data_wait = counter("data_wait_seconds", "seconds the loop waited for the next batch")
         self.bubble = gauge("bubble_ratio", "share of the last step's window in which actors did not "
-                                            "compute, mean over actors (cluster/timeline.py)")
+                                            "compute, mean over actors (cluster/telemetry/timeline.py)")
         # learning
         self.train_loss = gauge("train_loss", "cross-entropy of the last step's batch")
         self.train_error = gauge("train_error_ratio", "top-k error of the last step's batch", ["k"])
@@ -156,7 +147,7 @@ class Exporter:
         self.restarts = counter("restarts", "times the mesh was rebuilt from a checkpoint, by cause", ["cause"])
         # actors
         self.phase_seconds = {phase: counter(f"actor_{phase}_seconds", f"each actor's {phase.replace('_', ' ')} "
-                                             f"seconds (cluster/metrics.py: the phases stack to the loop time)",
+                                             f"seconds (cluster/telemetry/metrics.py: the phases stack to the loop time)",
                                              ACTOR_LABELS) for phase in PHASES}
         self.exchange_bytes = counter("actor_exchange_bytes", "bytes each actor sent in the cross-tower "
                                                               "exchange", ACTOR_LABELS)
@@ -215,55 +206,6 @@ class Exporter:
             self.server = None
 
 
-@dataclasses.dataclass
-class Totals:
-    """Sums over some steps (a log interval, an epoch)."""
-
-    steps: int = 0
-    images: int = 0
-    seconds: float = 0.0  # loop time
-    data_wait: float = 0.0
-    loss_sum: float = 0.0
-    scored: int = 0  # images whose top-k hits the actors reported
-    hits1: float = 0.0
-    hits5: float = 0.0
-    bubble_sum: float = 0.0
-    actors: dict = dataclasses.field(default_factory=dict)  # (replica, stage, tower) -> {phase: seconds}
-
-    def add(self, images: int, seconds: float, data_wait: float, loss: float, hits: tuple | None,
-            bubble: float, phases: dict) -> None:
-        self.steps += 1
-        self.images += images
-        self.seconds += seconds
-        self.data_wait += data_wait
-        self.loss_sum += loss
-        self.bubble_sum += bubble
-        if hits is not None:
-            self.scored += images
-            self.hits1 += hits[0]
-            self.hits5 += hits[1]
-        for key, values in phases.items():
-            mine = self.actors.setdefault(key, dict.fromkeys(PHASES, 0.0))
-            for phase, value in values.items():
-                mine[phase] += value
-
-    def error(self, k: int) -> float:
-        if not self.scored:
-            return math.nan
-        return 1.0 - (self.hits1 if k == 1 else self.hits5) / self.scored
-
-    def record(self) -> dict:
-        """The history's fields for these steps: means per step, images/s, seconds per actor phase."""
-        n = max(self.steps, 1)
-        return {"steps": self.steps, "images": self.images, "seconds": self.seconds,
-                "loss": self.loss_sum / n, "top1_error": self.error(1), "top5_error": self.error(5),
-                "images_per_second": self.images / self.seconds if self.seconds > 0 else math.nan,
-                "data_wait_fraction": self.data_wait / self.seconds if self.seconds > 0 else 0.0,
-                "bubble": self.bubble_sum / n,
-                "actors": [{"replica": key[0], "stage": key[1], "tower": key[2], **phases}
-                           for key, phases in sorted(self.actors.items())]}
-
-
 class RunMetrics(Metrics):
     """The driver's metrics: Prometheus (unless --metrics-addr off), the history in the run dir and
     the epoch and run summary tables. `train_data`/`val_data` are the readers (their bad-sample
@@ -291,9 +233,7 @@ class RunMetrics(Metrics):
         """The state of one attempt (rates restart with it)."""
         self._step, self._epoch = step, epoch
         self._interval, self._epoch_totals = Totals(), Totals()
-        self._window: collections.deque = collections.deque(maxlen=RATE_WINDOW)  # (seconds, images)
         self._decode_window: collections.deque = collections.deque(maxlen=RATE_WINDOW)  # (images, seconds)
-        self._last_time: float | None = None
 
     # --- hooks
 
@@ -323,69 +263,48 @@ class RunMetrics(Metrics):
                 self.exporter.decode_seconds.inc(seconds)
             yield batch
 
-    def step(self, step: int, epoch: int, lr: float, results: list[dict], data_wait: float,
-             seconds: float) -> None:
-        now = time.perf_counter()
-        loop_seconds = max(now - self._last_time, seconds) if self._last_time is not None else seconds
-        self._last_time = now
-        self._step, self._epoch, self._lr = step, epoch, lr
-        coords = [self.mesh.coord(r["rank"]) for r in results]
-        heads = [results[rank] for rank in self.mesh.loss_ranks()]  # results are in rank order
-        images = sum(r["images"] for r in heads)  # every replica's batch
-        loss = sum(r["loss"] for r in heads) / len(heads)
-        hits = None
-        if all("top1" in r for r in heads):
-            hits = (sum(r["top1"] for r in heads), sum(r["top5"] for r in heads))
-        summary = step_summary(results)
-        phases = {}
-        for coord, r in zip(coords, results):
-            exchange, allreduce = r.get("exchange_seconds", 0.0), r.get("allreduce_exposed_s", 0.0)
-            phases[(coord.replica, coord.stage, coord.tower)] = {
-                "compute": max(r["compute_s"] - exchange, 0.0), "exchange": exchange, "pipeline_wait": r["wait_s"],
-                "allreduce": allreduce, "data_wait": data_wait,
-                "other": max(loop_seconds - data_wait - r["compute_s"] - r["wait_s"] - allreduce, 0.0)}
+    def step(self, summary: StepSummary, progress: Progress) -> None:
+        self._step, self._epoch, self._lr = summary.step, summary.epoch, summary.lr
         for totals in (self._interval, self._epoch_totals):
-            totals.add(images, loop_seconds, data_wait, loss, hits, summary["bubble"], phases)
-        self._window.append((loop_seconds, images))
+            totals.add(summary)
         self._decode_window.append(tuple(self._decoded))
         if self.exporter:
-            self._export_step(step, epoch, lr, images, loop_seconds, data_wait, loss, hits, summary, results,
-                              coords, phases)
-        if step % self.config.log_every == 0 or step == self.total_steps:
-            self.history.write("steps", step=step, epoch=epoch + 1, lr=lr, **self._interval.record())
+            self._export_step(summary, progress)
+        if summary.step % self.config.log_every == 0 or summary.step == self.total_steps:
+            self.history.write("steps", step=summary.step, epoch=summary.epoch + 1, lr=summary.lr,
+                               **self._interval.record())
             self._interval = Totals()
 
-    def _export_step(self, step, epoch, lr, images, loop_seconds, data_wait, loss, hits, summary, results,
-                     coords, phases) -> None:
+    def _export_step(self, summary: StepSummary, progress: Progress) -> None:
         e = self.exporter
-        e.step.set(step)
-        e.epoch.set(epoch + 1)
-        e.learning_rate.set(lr)
-        e.images.inc(images)
-        e.images_per_second.set(self.images_per_second)
-        e.eta.set(self.eta_seconds)
-        e.step_duration.observe(loop_seconds)
-        e.data_wait.inc(data_wait)
-        e.bubble.set(summary["bubble"])
-        e.train_loss.set(loss)
-        if hits is not None and images:
-            e.train_error.labels("1").set(1.0 - hits[0] / images)
-            e.train_error.labels("5").set(1.0 - hits[1] / images)
+        e.step.set(summary.step)
+        e.epoch.set(summary.epoch + 1)
+        e.learning_rate.set(summary.lr)
+        e.images.inc(summary.images)
+        e.images_per_second.set(progress.images_per_second)
+        e.eta.set(progress.eta())
+        e.step_duration.observe(summary.loop_seconds)
+        e.data_wait.inc(summary.data_wait)
+        e.bubble.set(summary.pipeline.bubble)
+        e.train_loss.set(summary.loss)
+        if summary.hits is not None and summary.images:
+            e.train_error.labels("1").set(1.0 - summary.hits[0] / summary.images)
+            e.train_error.labels("5").set(1.0 - summary.hits[1] / summary.images)
         (first_images, first_seconds), (last_images, last_seconds) = self._decode_window[0], self._decode_window[-1]
         if last_seconds > first_seconds:
             e.decode_rate.set((last_images - first_images) / (last_seconds - first_seconds))
-        for coord, r, actor in zip(coords, results, summary["actors"]):
-            labels = (str(coord.replica), str(coord.stage), str(coord.tower))
-            for phase, value in phases[(coord.replica, coord.stage, coord.tower)].items():
+        for r, actor in zip(summary.reports, summary.pipeline.actors):
+            labels = (str(r.replica), str(r.stage), str(r.tower))
+            for phase, value in summary.phases[r.key].items():
                 e.phase_seconds[phase].labels(*labels).inc(value)
-            e.exchange_bytes.labels(*labels).inc(r.get("exchange_bytes", 0))
-            e.actor_bubble.labels(*labels).set(actor["bubble"])
-            e.activation_bytes.labels(*labels).set(r["peak_activation_bytes"])
-            for key, gauge in (("rss_bytes", e.rss), ("device_allocated_bytes", e.device_allocated),
-                               ("device_reserved_bytes", e.device_reserved),
-                               ("device_utilization", e.device_utilization)):
-                if key in r:
-                    gauge.labels(*labels).set(r[key])
+            e.exchange_bytes.labels(*labels).inc(r.exchange_bytes)
+            e.actor_bubble.labels(*labels).set(actor.bubble)
+            e.activation_bytes.labels(*labels).set(r.peak_activation_bytes)
+            for value, gauge in ((r.rss_bytes, e.rss), (r.device_allocated_bytes, e.device_allocated),
+                                 (r.device_reserved_bytes, e.device_reserved),
+                                 (r.device_utilization, e.device_utilization)):
+                if value is not None:
+                    gauge.labels(*labels).set(value)
         for split, reader in self.readers.items():
             for reason, count in dict(reader.read_stats.reasons).items():
                 new = count - self._bad_seen[(split, reason)]
@@ -394,7 +313,6 @@ class RunMetrics(Metrics):
                     self._bad_seen[(split, reason)] = count
 
     def epoch(self, result) -> None:
-        self._last_time = None  # evaluation is not training time
         totals, self._epoch_totals = self._epoch_totals, Totals()
         finished = self._step == (result.epoch + 1) * self.steps_per_epoch
         record = totals.record()
@@ -446,18 +364,7 @@ class RunMetrics(Metrics):
             self.exporter.close()
         self.history.close()
 
-    # --- rates over the recent steps
-
-    @property
-    def images_per_second(self) -> float:
-        seconds = sum(s for s, _ in self._window)
-        return sum(n for _, n in self._window) / seconds if seconds > 0 else math.nan
-
-    @property
-    def eta_seconds(self) -> float:
-        if not self._window:
-            return math.nan
-        return sum(s for s, _ in self._window) / len(self._window) * (self.total_steps - self._step)
+    # --- the decode rate over the recent steps
 
     def _decode_rate(self) -> float:
         images, seconds = self._decoded

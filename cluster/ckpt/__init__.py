@@ -1,0 +1,1 @@
+"""Checkpoints, storage and export (cluster/__init__.py)."""

@@ -1,0 +1,75 @@
+"""Fault injection for tests: every `ALEXNET_INJECT_*` variable the project reads, in one place.
+
+Each variable is read by the process it names (an actor reads its own environment, which the
+driver's runtime_env passes on), and each fault happens at a point of the real code path, so a
+test sees exactly what a real fault of that kind would do. None is set in a normal run.
+
+    ALEXNET_INJECT_FAILURE="RANK:STEP"
+        Tower actor RANK raises a RuntimeError at the start of its STEP-th train_step (0-based,
+        counted by that actor since it started). Not a machinery failure: the run stops.
+    ALEXNET_INJECT_NAN="STEP" or "STEP:MARKER"
+        The loss the run's step STEP (1-based) reports is NaN. With MARKER (a file path) only
+        while that file does not exist, and the first time creates it: a fault that does not
+        come back after the run goes back to its checkpoint.
+    ALEXNET_INJECT_HANG="RANK:STEP:MARKER"
+        Tower actor RANK sleeps HANG_S seconds at the run's step STEP, once (while MARKER does not
+        exist); its partners' collectives time out.
+    ALEXNET_INJECT_SLOW_WRITE="SECONDS:PATTERN"
+        A local atomic write (cluster/ckpt/storage.py) of a file whose path matches the fnmatch
+        PATTERN writes half of its bytes to the temporary file, pauses SECONDS, then the rest
+        (a test kills the writer in the pause).
+"""
+
+import fnmatch
+import os
+
+FAILURE_ENV = "ALEXNET_INJECT_FAILURE"
+NAN_ENV = "ALEXNET_INJECT_NAN"
+HANG_ENV = "ALEXNET_INJECT_HANG"
+SLOW_WRITE_ENV = "ALEXNET_INJECT_SLOW_WRITE"
+HANG_S = 300.0  # how long an injected hang sleeps: longer than any test's collective timeout
+
+
+def failure_step(rank: int) -> int | None:
+    """The step at which tower actor `rank` must raise (FAILURE_ENV), if any."""
+    spec = os.environ.get(FAILURE_ENV, "")
+    if not spec:
+        return None
+    failing_rank, step = (int(part) for part in spec.split(":"))
+    return step if failing_rank == rank else None
+
+
+def nan_at(step: int) -> bool:
+    """Whether NAN_ENV asks for a NaN loss at the run's step `step`."""
+    spec = os.environ.get(NAN_ENV, "")
+    if not spec or step != int(spec.split(":", 1)[0]):
+        return False
+    return _first_time(spec.split(":", 1)[1] if ":" in spec else "")
+
+
+def hang_at(rank: int, step: int) -> bool:
+    """Whether HANG_ENV asks tower actor `rank` to hang at the run's step `step`."""
+    spec = os.environ.get(HANG_ENV, "")
+    if not spec:
+        return False
+    hang_rank, hang_step, marker = spec.split(":", 2)
+    return (rank, step) == (int(hang_rank), int(hang_step)) and _first_time(marker)
+
+
+def slow_write_pause(path: str) -> float | None:
+    """Seconds a write of `path` pauses half-way (SLOW_WRITE_ENV), or None."""
+    seconds, _, pattern = os.environ.get(SLOW_WRITE_ENV, "").partition(":")
+    if not seconds or not fnmatch.fnmatch(path, pattern):
+        return None
+    return float(seconds)
+
+
+def _first_time(marker: str) -> bool:
+    """True without a marker; with one, only while the marker file does not exist (creating it)."""
+    if not marker:
+        return True
+    try:
+        with open(marker, "x"):
+            return True
+    except FileExistsError:
+        return False

@@ -1,0 +1,1 @@
+"""Ray: the actor mesh, its placement groups and the session (cluster/__init__.py)."""

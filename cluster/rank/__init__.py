@@ -1,0 +1,1 @@
+"""What runs inside each actor (cluster/__init__.py)."""

@@ -1,0 +1,1 @@
+"""What the driver measures and shows (cluster/__init__.py)."""

@@ -33,6 +33,7 @@ Run from the repository root, alone on the machine (a full-size run takes minute
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -214,7 +215,7 @@ def run_layout(args: argparse.Namespace, layout: Layout, env_vars: dict, allocat
             "images_per_second": config.batch_size / statistics.median(walls),
             "images_per_second_mean": config.batch_size / statistics.mean(walls),
             "exchange_share": exchange / seconds if layout.towers > 1 else None,
-            "worker_reports": reports, "environments": envs,
+            "worker_reports": [[dataclasses.asdict(r) for r in step] for step in reports], "environments": envs,
             "allocator_verified": check_allocator(envs, allocator, f"{layout.name} actors")}
 
 

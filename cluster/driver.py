@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 
 import ray  # noqa: E402
 
+from cluster import faults  # noqa: E402
 from cluster.ckpt import checkpoint, reach, storage  # noqa: E402
 from cluster.ckpt.checkpoint import CheckpointError  # noqa: E402
 from cluster.ckpt.consolidate import consolidate_with_momentum  # noqa: E402
@@ -143,6 +144,7 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ReplicaReade
     weights are then spoilt) goes back to the newest checkpoint once; a second one stops the run.
     `metrics` hears of every attempt's start and every restart's cause."""
     restarts, nan_restored = 0, False
+    env = {**env, **faults.forwarded()}  # tests' fault injection reaches the actors
     while True:
         workers = ActorMesh(config, env, wait_for_nodes=restarts > 0)  # a lost node may come back
         print(f"placement:\n{workers.placement_table()}", flush=True)

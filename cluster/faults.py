@@ -1,8 +1,9 @@
 """Fault injection for tests: every `ALEXNET_INJECT_*` variable the project reads, in one place.
 
-Each variable is read by the process it names (an actor reads its own environment, which the
-driver's runtime_env passes on), and each fault happens at a point of the real code path, so a
-test sees exactly what a real fault of that kind would do. None is set in a normal run.
+Each variable is read by the process it names; the driver passes every one set in its own
+environment on to its actors (`forwarded`), whether it started Ray or joined one. Each fault
+happens at a point of the real code path, so a test sees exactly what a real fault of that kind
+would do. None is set in a normal run.
 
     ALEXNET_INJECT_FAILURE="RANK:STEP"
         Tower actor RANK raises a RuntimeError at the start of its STEP-th train_step (0-based,
@@ -28,6 +29,11 @@ NAN_ENV = "ALEXNET_INJECT_NAN"
 HANG_ENV = "ALEXNET_INJECT_HANG"
 SLOW_WRITE_ENV = "ALEXNET_INJECT_SLOW_WRITE"
 HANG_S = 300.0  # how long an injected hang sleeps: longer than any test's collective timeout
+
+
+def forwarded() -> dict[str, str]:
+    """The fault variables set in this process, for its actors' environment."""
+    return {name: value for name, value in os.environ.items() if name.startswith("ALEXNET_INJECT_")}
 
 
 def failure_step(rank: int) -> int | None:

@@ -1,20 +1,55 @@
-"""Shared fixtures: a local Ray per test module, bound to 127.0.0.1 and always shut down."""
+"""Shared fixtures.
+
+Ray: one local Ray on 127.0.0.1 serves every in-process run of the session — the actor meshes
+of the parity tests and the driver's `main()`, which joins a Ray it finds running and leaves it
+up. It starts on first use (`shared_ray`) and stops at the end of the session. A test whose
+driver must start a Ray of its own (to see environment the test sets first) asks for `own_ray`,
+which stops the shared one; the next `shared_ray` starts it again. Tests that run the driver as
+a subprocess, or `ray start`, start and stop their own Ray and need neither.
+
+Markers: `ray` for tests that start Ray or its actors (`make test-fast` leaves them out). With
+pytest-xdist (`make test` runs `-n 2 --dist loadgroup`), each module's tests run in one worker, so
+its module fixtures are made once; the monitoring tests share one group (tests/monitored.py).
+"""
 
 import pytest
-import ray
 
-from cluster.launch import localnet
+from raytools import ensure_shared_ray, stop_shared_ray
+
+
+@pytest.fixture
+def shared_ray():
+    """The session's local Ray (started on first use, bound to 127.0.0.1)."""
+    ensure_shared_ray()
+    yield
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    restore_env = localnet.apply_loopback_env()
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address=localnet.LOOPBACK)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        restore_env()
+    """The session's local Ray, for a module's fixtures (the parity meshes)."""
+    ensure_shared_ray()
+    yield
+
+
+@pytest.fixture
+def own_ray():
+    """No Ray in this process when the test starts: its driver starts one of its own."""
+    stop_shared_ray()
+    yield
+    stop_shared_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    stop_shared_ray()
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if {"shared_ray", "local_ray", "own_ray"} & set(item.fixturenames):  # it starts Ray
+            item.add_marker(pytest.mark.ray)
+        if item.get_closest_marker("xdist_group") is None:  # with -n, a module's tests share a worker
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +58,15 @@ def tiny_demo(tmp_path_factory):
     from data.demo import ensure_demo_dataset
 
     return ensure_demo_dataset(tmp_path_factory.mktemp("demo"), train_per_class=6, val_per_class=2)
+
+
+@pytest.fixture
+def driver_never_starts_ray(monkeypatch):
+    """Fails the test if the driver gets as far as Ray: for bad input, which must stop before."""
+    import cluster.driver
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver started Ray (bad input must stop before any actor)")
+
+    monkeypatch.setattr(cluster.driver, "ray_session", refuse)
+    monkeypatch.setattr(cluster.driver, "ActorMesh", refuse)

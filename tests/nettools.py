@@ -1,5 +1,5 @@
 """Test-only networking: Ray's token auth with a private token, `ray start --head` arguments on
-loopback, a loopback process group outside Ray, and the tools that check what listens where
+loopback, and the tools that check what listens where
 (`listening_sockets`, `is_loopback`) and which processes a Ray session left (`process_tree`).
 """
 
@@ -11,10 +11,9 @@ import re
 import secrets
 import shutil
 import subprocess
-from datetime import timedelta
 from typing import Iterable, NamedTuple
 
-from cluster.launch.localnet import LOOPBACK, collective_loopback_env
+from cluster.launch.localnet import LOOPBACK
 
 
 def token_auth_env(token_path: str, *, create: bool = True) -> dict[str, str]:
@@ -63,27 +62,6 @@ def ray_start_head_args(
     if ray_client_server_port is not None:
         args.append(f"--ray-client-server-port={ray_client_server_port}")
     return args
-
-
-
-def init_loopback_process_group(
-    backend: str,
-    store,
-    rank: int,
-    world_size: int,
-    timeout: float | timedelta = 300.0,
-) -> None:
-    """``torch.distributed.init_process_group`` over ``store`` with the
-    collective's own sockets pinned to loopback (:func:`collective_loopback_env`
-    is put into this process's environment first)."""
-    import torch.distributed as dist
-
-    if not isinstance(timeout, timedelta):
-        timeout = timedelta(seconds=float(timeout))
-    os.environ.update(collective_loopback_env())
-    dist.init_process_group(
-        backend, store=store, rank=rank, world_size=world_size, timeout=timeout
-    )
 
 
 

@@ -9,7 +9,6 @@ gradients one at a time.
 
 import contextlib
 
-import ray
 import torch
 
 from cluster.launch import localnet
@@ -19,6 +18,7 @@ from stages.loss import cross_entropy_reference
 from stages.optim import PaperSGD, set_lr
 from stages.reference import TwoTowerAlexNet
 from data.transforms import normalize_batch
+from raytools import ensure_shared_ray
 
 RTOL = 1e-5
 LRS = (0.01, 0.01, 0.001)  # three steps, across a learning-rate drop
@@ -87,12 +87,11 @@ def reference_evaluation(config: TrainConfig, images: torch.Tensor, labels: torc
 
 
 @contextlib.contextmanager
-def one_mesh_at_a_time(num_cpus: int, make_config):
-    """A local Ray on 127.0.0.1 with `num_cpus`, and `get(*args, **kwargs)`: the actor mesh of
+def one_mesh_at_a_time(make_config):
+    """The session's local Ray (tests/conftest.py) and `get(*args, **kwargs)`: the actor mesh of
     `make_config(*args, **kwargs)`, reused while the arguments are the same (`reset` gives fresh
     weights); other arguments shut the current mesh down first (the CPUs hold one)."""
-    restore_env = localnet.apply_loopback_env()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=localnet.LOOPBACK)
+    ensure_shared_ray()
     current: dict = {}
 
     def get(*args, **kwargs) -> ActorMesh:
@@ -109,5 +108,3 @@ def one_mesh_at_a_time(num_cpus: int, make_config):
     finally:
         for workers in current.values():
             workers.shutdown()
-        ray.shutdown()
-        restore_env()

@@ -20,6 +20,29 @@ from cluster.rank import rendezvous
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = Path(sys.executable).with_name("ray")
+SHARED_CPUS = 8  # logical: the in-process meshes hold at most 6 actors of 1 CPU at a time
+_restore_env = None  # set while the shared Ray runs
+
+
+def ensure_shared_ray() -> None:
+    """The session's one in-process Ray on 127.0.0.1 (tests/conftest.py), started if not running."""
+    global _restore_env
+    import ray
+
+    if not ray.is_initialized():
+        _restore_env = localnet.apply_loopback_env()
+        ray.init(num_cpus=SHARED_CPUS, **localnet.local_ray_init_kwargs(include_dashboard=False))
+
+
+def stop_shared_ray() -> None:
+    global _restore_env
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if _restore_env is not None:
+        _restore_env()
+        _restore_env = None
 
 
 def _comm(pid: int) -> str:

@@ -43,7 +43,7 @@ def tiny_run_args(demo, run_dir, *extra) -> list[str]:
     (["--lr-schedule", "cosine"], "lr_schedule must be one of plateau, milestones, got 'cosine'"),
     (["--train-data", "/nonexistent/train-{000000..000003}.tar"], "train_data: "),
 ])
-def test_invalid_config_fails_before_any_actor_with_one_line(args, message, tmp_path, capsys):
+def test_invalid_config_fails_before_any_actor_with_one_line(args, message, tmp_path, capsys, driver_never_starts_ray):
     empty = tmp_path / "empty"
     empty.mkdir()
     defaults = {"--train-data": str(empty / "x.tar"), "--val-data": str(empty)}
@@ -54,10 +54,9 @@ def test_invalid_config_fails_before_any_actor_with_one_line(args, message, tmp_
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1, err
-    assert not ray.is_initialized()
 
 
-def test_unreadable_shard_pattern_names_the_option(tmp_path, capsys):
+def test_unreadable_shard_pattern_names_the_option(tmp_path, capsys, driver_never_starts_ray):
     empty = tmp_path / "no-shards-here"
     empty.mkdir()
     assert main(["--train-data", str(empty), "--val-data", str(empty)]) == 2
@@ -111,7 +110,7 @@ def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
     assert {"gcs_server", "raylet"} <= names, names
 
 
-def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, capsys):
+def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, capsys, shared_ray):
     assert main(tiny_run_args(tiny_demo, tmp_path / "run", "--max-steps", "2", "--eval-views", "10")) == 0
     directory = tmp_path / "run" / "checkpoint-00000002"
     manifest = checkpoint.read_manifest(str(directory))
@@ -121,7 +120,7 @@ def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, cap
     for shard in manifest["shards"]:
         assert checkpoint.sha256_file(str(directory / shard["file"])) == shard["sha256"]
     assert f"checkpoint: {directory}" in capsys.readouterr().out
-    assert not ray.is_initialized()
+    assert ray.is_initialized()  # a Ray the driver found running is left as it was
 
 
 @pytest.mark.timeout(300)
@@ -140,7 +139,7 @@ def test_actor_exception_surfaces_with_traceback_and_nonzero_exit(tiny_demo, tmp
     assert "step 2/7" in out and "step 4/7" not in out
 
 
-def test_pipeline_run_prints_its_split_and_bubble_and_writes_a_trace(tiny_demo, tmp_path, capsys):
+def test_pipeline_run_prints_its_split_and_bubble_and_writes_a_trace(tiny_demo, tmp_path, capsys, shared_ray):
     trace = tmp_path / "traces" / "step2.json"
     args = tiny_run_args(tiny_demo, tmp_path / "run", "--stages", "2", "--stage-split", "conv1-conv2 | conv3-fc8",
                          "--microbatches", "4", "--schedule", "gpipe", "--max-steps", "3", "--log-every", "1",
@@ -160,9 +159,9 @@ def test_pipeline_run_prints_its_split_and_bubble_and_writes_a_trace(tiny_demo, 
     assert manifest["config"]["stage_split"] == "conv1-conv2 | conv3-fc8"
 
 
-def test_labels_outside_the_class_range_stop_the_run_before_any_actor(tiny_demo, tmp_path, capsys):
+def test_labels_outside_the_class_range_stop_the_run_before_any_actor(tiny_demo, tmp_path, capsys,
+                                                                     driver_never_starts_ray):
     # the demo labels go up to 9; told there are 5 classes, half the samples are bad
     assert main(tiny_run_args(tiny_demo, tmp_path / "run", "--num-classes", "5")) == 2
     err = capsys.readouterr().err.strip()
     assert "max_bad_fraction" in err and "label out of range" in err and len(err.splitlines()) == 1
-    assert not ray.is_initialized()

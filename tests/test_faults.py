@@ -57,7 +57,7 @@ def run_and_kill_an_actor(args: list[str], cwd, after_line: str) -> tuple[int, s
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_demo, tmp_path_factory) -> dict:
+def uninterrupted(tiny_demo, tmp_path_factory, local_ray) -> dict:
     """The tensors of the last checkpoint of the run every faulty variant must end as."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     assert main(tiny_run_args(tiny_demo, run_dir, *COMMON)) == 0
@@ -133,33 +133,33 @@ def test_only_failures_of_the_machinery_are_restarted():
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("transient", [True, False])
-def test_a_nan_loss_goes_back_to_the_checkpoint_once(tiny_demo, tmp_path, transient):
+def test_a_nan_loss_goes_back_to_the_checkpoint_once(tiny_demo, tmp_path, transient, monkeypatch, capsys,
+                                                     shared_ray):
     # the loss of step 5 is NaN (its update spoils the weights): the run goes back to step 4's
     # checkpoint once. A fault that does not come back (transient) lets it finish; one that does
     # stops it, naming the step.
-    spec = f"5:{tmp_path / 'marker'}" if transient else "5"
-    env = {**os.environ, faults.NAN_ENV: spec}
-    proc = subprocess.run(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", *COMMON), env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=240)
-    out = proc.stdout + proc.stderr
+    monkeypatch.setenv(faults.NAN_ENV, f"5:{tmp_path / 'marker'}" if transient else "5")
+    status = main(tiny_run_args(tiny_demo, tmp_path / "run", *COMMON))
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert f"loss is nan at step 5: lower --lr or check the data; going on once from {tmp_path / 'run'}" in out
     if transient:
-        assert proc.returncode == 0 and "done: 10 steps" in out, out[-3000:]
+        assert status == 0 and "done: 10 steps" in out, out[-3000:]
     else:
-        assert proc.returncode == 1, out[-3000:]
+        assert status == 1, out[-3000:]
         assert "error: training failed: loss is nan at step 5: again, after going on once from" in out
 
 
 @pytest.mark.timeout(300)
-def test_a_hung_actor_is_caught_by_the_collective_timeout_and_replaced(tiny_demo, tmp_path):
+def test_a_hung_actor_is_caught_by_the_collective_timeout_and_replaced(tiny_demo, tmp_path, monkeypatch, capsys,
+                                                                       shared_ray):
     # rank 1 sleeps through step 5 (once): rank 0's exchange times out after 5 s, the mesh is
     # rebuilt from the last complete checkpoint and the run finishes
-    env = {**os.environ, faults.HANG_ENV: f"1:5:{tmp_path / 'marker'}"}
-    args = tiny_run_args(tiny_demo, tmp_path / "run", *COMMON, "--collective-timeout-s", "5")
-    proc = subprocess.run(DRIVER + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                          start_new_session=True)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    monkeypatch.setenv(faults.HANG_ENV, f"1:5:{tmp_path / 'marker'}")
+    status = main(tiny_run_args(tiny_demo, tmp_path / "run", *COMMON, "--collective-timeout-s", "5"))
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert status == 0, out[-3000:]
     # step 4's checkpoint is asynchronous: its manifest comes after step 5, which never ends
     assert re.search(r"restart 1/3: RuntimeError: .*Timed out", out), out[-3000:]
     assert f"going on from {tmp_path / 'run' / 'checkpoint-00000002'}" in out

@@ -35,7 +35,7 @@ def test_ray_job_submit_trains_on_a_running_cluster(tiny_demo):
 
 
 @pytest.mark.timeout(600)
-def test_a_stopped_job_submitted_again_goes_on_exactly(tiny_demo):
+def test_a_stopped_job_submitted_again_goes_on_exactly(tiny_demo, shared_ray):
     with short_tmpdir("stop") as tmp, own_head(tmp, num_cpus=2) as head:
         args = ["--train-data", tiny_demo.train_pattern, "--val-data", tiny_demo.val_pattern, "--num-classes", "10",
                 "--image-size", "64", "--resize", "72", "--batch-size", "8", "--epochs", "2", "--max-steps", "12",

@@ -39,6 +39,7 @@ import json, os, sys, time
 mode, ready, go = sys.argv[1], sys.argv[2], sys.argv[3]
 import ray
 from cluster.launch import localnet
+from cluster.rank import rendezvous
 
 if mode == "init":
     localnet.apply_loopback_env()
@@ -63,8 +64,10 @@ try:
             if self.store is None:
                 self.store = rendezvous.make_store(
                     localnet.LOOPBACK, port, self.world, self.rank, 60)
-            nettools.init_loopback_process_group(
-                "gloo", self.store, self.rank, self.world, 60)
+            import datetime
+            os.environ.update(localnet.collective_loopback_env())  # gloo's sockets on loopback
+            dist.init_process_group("gloo", store=self.store, rank=self.rank, world_size=self.world,
+                                    timeout=datetime.timedelta(seconds=60))
             t = torch.full((4,), float(self.rank + 1))
             dist.all_reduce(t)
             return {"rank": self.rank, "pid": os.getpid(), "sum": t.tolist()}

@@ -20,6 +20,8 @@ from monitored import NAN_STEP, TOTAL_STEPS, monitored_run
 from prometheus_client.parser import text_string_to_metric_families
 from test_driver import tiny_run_args
 
+pytestmark = pytest.mark.xdist_group("monitored")  # one worker makes the shared run (tests/monitored.py)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_demo):
@@ -117,7 +119,7 @@ def test_the_snapshot_holds_the_runs_last_values(run):
     assert samples[("alexnet_checkpoint_bytes", ())] > 0
 
 
-def test_a_new_driver_resuming_the_run_continues_its_history(tiny_demo, tmp_path, capsys):
+def test_a_new_driver_resuming_the_run_continues_its_history(tiny_demo, tmp_path, capsys, shared_ray):
     run_dir = tmp_path / "run"
     # 4 of the epoch's 7 steps without an exporter (the history is written all the same), then the
     # rest by a second driver, which resumes at the checkpoint of step 4
@@ -134,7 +136,6 @@ def test_a_new_driver_resuming_the_run_continues_its_history(tiny_demo, tmp_path
     assert [(e["epoch"], e["finished"]) for e in history.epochs] == [(1, True)]
     assert "run summary: 1 epoch(s)" in second and "7 steps," in second and "; * an epoch" not in second
     assert (run_dir / SNAPSHOT_FILE).exists() and (run_dir / "report" / "report.md").exists()
-    assert not ray.is_initialized()
 
 
 def test_a_fresh_start_in_an_old_run_dir_supersedes_its_history(tmp_path):
@@ -179,7 +180,7 @@ def test_a_taken_port_falls_back_to_a_free_one_and_serves():
             exporter.close()
 
 
-def test_metrics_addr_must_be_host_and_port(tmp_path, capsys):
+def test_metrics_addr_must_be_host_and_port(tmp_path, capsys, driver_never_starts_ray):
     assert main(["--metrics-addr", "9408", "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: metrics_addr must be HOST:PORT (port 0..65535, 0: any free one) or `off`, got '9408'"

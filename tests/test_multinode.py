@@ -36,7 +36,7 @@ def job_args(demo, run_dir, *extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single_node_run(tiny_demo, tmp_path_factory):
+def single_node_run(tiny_demo, tmp_path_factory, local_ray):
     """The same job on one node (a local Ray in this process): its last checkpoint."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
     assert main(job_args(tiny_demo, run_dir)) == 0
@@ -49,7 +49,7 @@ def single_node_weights(single_node_run):
     return shard_tensors(single_node_run)
 
 
-def test_two_replicas_of_four_images_train_like_one_replica_of_eight(tiny_demo, single_node_run, tmp_path):
+def test_two_replicas_of_four_images_train_like_one_replica_of_eight(tiny_demo, single_node_run, tmp_path, shared_ray):
     """The replicas read disjoint halves of each global batch (the readers' split) and average
     their gradients: the weights are those of one replica reading all 8 images (dropout is off;
     tolerance: tests/parity.py). And the 2-replica checkpoint re-splits into 1 replica and goes

@@ -26,12 +26,12 @@ SPLITS = {1: "conv1-fc8", 2: "conv1-conv2 | conv3-fc8", 3: "conv1-conv2 | conv3-
 
 
 @pytest.fixture(scope="module")
-def meshes():
-    """The actor mesh of a given (stages, towers), one at a time (6 CPUs hold one)."""
+def meshes(local_ray):
+    """The actor mesh of a given (stages, towers), one at a time."""
     def config(stages: int, towers: int = 2):
         return small_config(stages=stages, towers=towers, stage_split=SPLITS[stages])
 
-    with one_mesh_at_a_time(6, config) as get:
+    with one_mesh_at_a_time(config) as get:
         yield get
 
 

@@ -17,9 +17,9 @@ SPLIT = {1: "conv1-fc8", 2: "conv1-conv2 | conv3-fc8"}
 
 
 @pytest.fixture(scope="module")
-def meshes():
-    """One live mesh at a time (8 CPUs hold the largest, 2 × 2 × 2); `reset` gives fresh weights."""
-    with one_mesh_at_a_time(8, lambda **changes: small_config(stage_split=SPLIT[changes.get("stages", 1)],
+def meshes(local_ray):
+    """One live mesh at a time (the largest is 2 × 2 × 2); `reset` gives fresh weights."""
+    with one_mesh_at_a_time(lambda **changes: small_config(stage_split=SPLIT[changes.get("stages", 1)],
                                                               **changes)) as get:
         yield get
 

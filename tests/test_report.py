@@ -15,6 +15,8 @@ from cluster.telemetry.plots import PLOTS, time_breakdown
 from monitored import TOTAL_STEPS, monitored_run
 from raytools import REPO
 
+pytestmark = pytest.mark.xdist_group("monitored")  # one worker makes the shared run (tests/monitored.py)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_demo):

@@ -35,7 +35,7 @@ def shard_tensors(directory) -> dict[str, torch.Tensor]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mesh", [[], ["--stages", "2", "--microbatches", "2"]], ids=["towers", "pipeline"])
-def test_a_resumed_run_continues_exactly(tiny_demo, tmp_path, capsys, mesh):
+def test_a_resumed_run_continues_exactly(tiny_demo, tmp_path, capsys, mesh, shared_ray):
     # 60 training images in batches of 8: 7 steps per epoch. Dropout on (its masks must be restored).
     common = ["--epochs", "2", "--log-every", "1", "--checkpoint-every", "3", "--dropout", "0.5", *mesh]
     assert main(tiny_run_args(tiny_demo, tmp_path / "straight", *common, "--max-steps", "10")) == 0
@@ -68,7 +68,7 @@ def test_a_resumed_run_continues_exactly(tiny_demo, tmp_path, capsys, mesh):
 
 
 @pytest.fixture(scope="module")
-def two_checkpoints(tiny_demo, tmp_path_factory):
+def two_checkpoints(tiny_demo, tmp_path_factory, local_ray):
     """A run with checkpoints at steps 1 and 2."""
     run = tmp_path_factory.mktemp("ckpt") / "run"
     assert main(tiny_run_args(tiny_demo, run, "--max-steps", "2", "--checkpoint-every", "1")) == 0
@@ -83,7 +83,7 @@ def _refused(tiny_demo, run, capsys, *extra) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_a_two_stage_checkpoint_goes_on_in_one_process(tiny_demo, tmp_path, capsys):
+def test_a_two_stage_checkpoint_goes_on_in_one_process(tiny_demo, tmp_path, capsys, shared_ray):
     # S = 2 × 2 towers for 3 steps, then S = 1 with both towers in one actor for 2 more: the
     # same weights and momentum as 5 steps of S = 1 × 2 towers. Dropout off, so only summation
     # order differs: 1e-4 relative over 5 steps (tests/parity.py explains the 1e-5 of 3 steps).

@@ -346,7 +346,7 @@ class TowerWorker:
 
     def load_consolidated(self, consolidated: tuple[dict, dict]) -> None:
         """Take this actor's layers' weights and momentum from a whole network's (reference
-        names; cluster/export.py `consolidate_with_momentum`): a checkpoint of another mesh shape."""
+        names; cluster/ckpt/consolidate.py `consolidate_with_momentum`): a checkpoint of another mesh shape."""
         state, momentum = consolidated
         names = [self.reference_prefix + key for key in self.model.state_dict()]
         self.model.load_state_dict({key: state[name] for key, name in zip(self.model.state_dict(), names)})

@@ -1,5 +1,5 @@
 """The run's metrics history: one JSON object per line in `RUN_DIR/metrics.jsonl`, appended as the
-run goes, so the plots and tables of `cluster/report.py` cover every attempt of a run (restarts,
+run goes, so the plots and tables of `cluster/report.py` (cluster/telemetry/plots.py) cover every attempt of a run (restarts,
 resumes) and survive the driver.
 
 Records (`kind`; times are Unix seconds, `epoch` is 1-based as printed):

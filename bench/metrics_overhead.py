@@ -101,7 +101,7 @@ def main(argv=None) -> int:
           flush=True)
     try:
         with ray_session(base.address, base.mesh.world_size * base.threads_per_worker) as env:
-            mesh = ActorMesh(base, env)
+            mesh = ActorMesh(base, env, readers={"train": train_data.reader, "val": val_data.reader})
             try:
                 for i in range(args.rounds):
                     order = ("off", "on") if i % 2 == 0 else ("on", "off")

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
                           "stages": STAGES, "towers": 1, "threads_per_actor": 1, "reference_threads": 2},
                "rows": []}
     try:
-        workers = ActorMesh(config, localnet.loopback_env())
+        workers = ActorMesh(config)
         reference = Reference(config, threads=2)
         try:
             for m in args.microbatches:

@@ -86,7 +86,7 @@ def measure(args) -> dict:
         meshes = {}
         try:
             for name, config in configs.items():
-                meshes[name] = ActorMesh(config, localnet.loopback_env())
+                meshes[name] = ActorMesh(config)
             inputs = {"R=1": (meshes["R=1"].put(images), meshes["R=1"].put(labels))}
             refs = tuple([meshes["R=2"].put(x) for x in part] for part in halves)
             inputs["R=2"] = inputs["R=2 no overlap"] = refs

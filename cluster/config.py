@@ -20,6 +20,7 @@ LR_SCHEDULES = ("plateau", "milestones")
 LR_SCALINGS = ("linear", "none")
 OVERLAP_CHOICES = ("auto", "on", "off")
 DEMO_DATA = "demo"
+MAX_LOADERS = 64  # per replica
 METRICS_PORT = 9408  # the driver's Prometheus port (none of Ray's: 6379, 8265, 10001; its own metrics port is random)
 
 
@@ -38,6 +39,7 @@ FLOAT_RANGES = {
     "weight_decay": (0.0, math.inf, True, False),
     "collective_timeout_s": (0.0, math.inf, False, False),
     "placement_timeout_s": (0.0, math.inf, False, False),
+    "loader_timeout_s": (0.0, math.inf, False, False),
 }
 
 
@@ -89,7 +91,14 @@ class TrainConfig:
     val_data: str = _opt(DEMO_DATA, "validation shards, same forms as --train-data")
     pca_lighting: bool = _opt(True, "PCA colour augmentation, with the variant's constants (PAPER.md §Data)")
     eval_views: int = _opt(1, "views per validation image: 1 (centre crop) or 10 (corners, centre and flips)")
-    loader_threads: int = _opt(1, "threads decoding each batch in the driver")
+    loaders_per_replica: int = _opt(0, "loader actors per replica, on the node of its stage 0; loader k makes "
+                                       "the batches b ≡ k (mod K); 0: as many as the node's spare CPUs feed (1 "
+                                       "on CPU actors, whose cores train; printed at start)")
+    loader_threads: int = _opt(1, "threads decoding each batch in a loader actor (its CPUs)")
+    prefetch: int = _opt(2, "batches each loader makes ahead of the step (the object store holds at most "
+                            "replicas × loaders × prefetch waiting)")
+    loader_timeout_s: float = _opt(120.0, "seconds the driver waits for a loader's batch before it counts as "
+                                          "hung (the mesh is rebuilt from the newest checkpoint)")
     max_bad_fraction: float = _opt(0.001, "largest share of unreadable samples before the run stops")
     batch_size: int = _opt(128, "images per optimizer step (per replica)")
     microbatches: int = _opt(1, "microbatches each batch is split into; gradients accumulate")
@@ -136,8 +145,11 @@ class TrainConfig:
     def __post_init__(self):
         self._check_floats()
         self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "loader_threads", "batch_size",
-                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step", "lr_batch")
-        self._check_non_negative("max_steps", "lr_max_drops", "checkpoint_every", "max_restarts", "keep_every")
+                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step", "lr_batch", "prefetch")
+        self._check_non_negative("max_steps", "lr_max_drops", "checkpoint_every", "max_restarts", "keep_every",
+                                 "loaders_per_replica")
+        if self.loaders_per_replica > MAX_LOADERS:
+            raise ConfigError(f"loaders_per_replica must be in 0..{MAX_LOADERS} (0: auto), got {self.loaders_per_replica}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1 (the newest is what a resume needs), got {self.keep_checkpoints}")
         if self.batch_size % self.microbatches:

@@ -25,13 +25,14 @@ from cluster.ckpt.checkpoint import CheckpointError  # noqa: E402
 from cluster.ckpt.consolidate import consolidate_with_momentum  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
 from cluster.launch.actor_mesh import ActorMesh, PlacementError  # noqa: E402
+from cluster.launch.loaders import LoaderTimeout  # noqa: E402
 from cluster.launch.session import failure_cause, ray_session, restart_cause, restartable  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
-from cluster.replica_data import ReplicaReaders  # noqa: E402
+from cluster.inputs import InputPlan  # noqa: E402
 from cluster.telemetry.metrics import Metrics, RunMetrics  # noqa: E402
 from cluster.trainer import NonFiniteLoss, Start, TrainResult, resume_point, total_steps, train  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
-from data.loader import DataError, ShardBatches  # noqa: E402
+from data.loader import DataError, ShardBatches, decoded_in_process  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
 from stages.split import layer_costs, split_table  # noqa: E402
 
@@ -90,20 +91,21 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-def open_data(config: TrainConfig) -> tuple[ReplicaReaders, ReplicaReaders]:
-    """Every replica's training and validation readers: replica r reads a disjoint share of each
-    epoch, with the same number of batches as the others."""
+def open_data(config: TrainConfig) -> tuple[InputPlan, InputPlan]:
+    """The training and validation input: each split's index, built once here (from the
+    converter's manifest, or one scan of the tar headers; no image is opened), that the loader
+    actors of every replica share. Replica r reads a disjoint share of each epoch, with the same
+    number of batches as the others."""
     common = dict(seed=config.seed, resize=config.resize, crop=config.image_size, num_classes=config.num_classes,
                   max_bad_fraction=config.max_bad_fraction, num_threads=config.loader_threads,
                   replicas=config.replicas)
     lighting = config.variant if config.pca_lighting else None
     train = ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting, **common)
     val = ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views, **common)
-    return (ReplicaReaders([train.for_replica(r) for r in range(config.replicas)]),
-            ReplicaReaders([val.for_replica(r) for r in range(config.replicas)]))
+    return InputPlan(train, "train"), InputPlan(val, "val")
 
 
-def find_start(config: TrainConfig, train_data: ReplicaReaders) -> Start:
+def find_start(config: TrainConfig, train_data: InputPlan) -> Start:
     """Step 0, or the checkpoint --resume names (`auto`: run_dir's newest complete one), verified
     (every shard's sha256), of the same architecture and mesh, its reader position ours. The
     driver must reach run_dir, else ConfigError before any actor starts."""
@@ -137,7 +139,7 @@ def load_checkpoint(workers: ActorMesh, start: Start) -> None:
           f"({saved['stage_split']}) × {saved['towers']} tower process(es)", flush=True)
 
 
-def train_with_restarts(config: TrainConfig, env: dict, train_data: ReplicaReaders, val_data: ReplicaReaders,
+def train_with_restarts(config: TrainConfig, env: dict, train_data: InputPlan, val_data: InputPlan,
                         start: Start, metrics: Metrics = Metrics()) -> TrainResult:
     """Train; when an actor dies or a collective fails, tear the mesh down, start a new one, load
     the newest checkpoint and go on, up to --max-restarts times. A NaN or infinite loss (the
@@ -146,8 +148,12 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ReplicaReade
     restarts, nan_restored = 0, False
     env = {**env, **faults.forwarded()}  # tests' fault injection reaches the actors
     while True:
-        workers = ActorMesh(config, env, wait_for_nodes=restarts > 0)  # a lost node may come back
+        readers = {"train": train_data.reader, "val": val_data.reader}
+        workers = ActorMesh(config, env, wait_for_nodes=restarts > 0, readers=readers)  # a lost node may come back
         print(f"placement:\n{workers.placement_table()}", flush=True)
+        print(f"loaders: {workers.placement.loaders} per replica × {config.loader_threads} thread(s)"
+              + ("" if config.loaders_per_replica else " (--loaders-per-replica 0: as many as the stage-0 node's spare "
+                                                       "CPUs feed; 1 when the actors train on CPUs)"), flush=True)
         try:
             token = reach.leave_token(config.run_dir)
             reach.check_answers(config.run_dir, token, workers.check_storage(config.run_dir, token))
@@ -164,7 +170,7 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: ReplicaReade
             metrics.restart("nonfinite_loss", str(err))
             start = find_start(config.replace(resume="auto"), train_data)
             print(f"{err}; going on once from {start.directory or 'step 0 (no checkpoint yet)'}", flush=True)
-        except ray.exceptions.RayError as err:
+        except (ray.exceptions.RayError, LoaderTimeout) as err:
             if not restartable(err) or restarts >= config.max_restarts:
                 if restarts:
                     print(f"giving up after {restarts} restart(s) (--max-restarts {config.max_restarts})",
@@ -211,13 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: metrics_addr {config.metrics_addr}: {err}", file=sys.stderr)
         return 2
-    with metrics, ray_session(config.address, config.mesh.world_size * config.threads_per_worker) as env:
+    cpus = config.mesh.world_size * config.threads_per_worker + config.replicas * max(
+        config.loaders_per_replica, 1) * config.loader_threads
+    with metrics, ray_session(config.address, cpus) as env:
         try:
             result = train_with_restarts(config, env, train_data, val_data, start, metrics)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except (PlacementError, reach.StorageError, ray.exceptions.RayError, NonFiniteLoss, DataError) as err:
+        except (PlacementError, reach.StorageError, ray.exceptions.RayError, LoaderTimeout, NonFiniteLoss,
+                DataError) as err:
             print(f"error: training failed: {err}", file=sys.stderr, flush=True)
             return 1
         metrics.finish()
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {result.steps} steps, val top-1 {100 * last.val_top1:.1f}%, top-5 {100 * last.val_top5:.1f}%, "
           f"{result.images_per_second:.1f} img/s, data wait {100 * result.data_wait_fraction:.1f}% of step time; "
           f"checkpoint {result.checkpoint}", flush=True)
+    by_loader = ", ".join(f"replica {r} loader {k} {n}" for (r, k), n in sorted(metrics.decoded_by_loader.items()))
+    print(f"decoded: {by_loader}; the driver {decoded_in_process()}", flush=True)
     if config.report:
         from cluster.telemetry.plots import write_report  # matplotlib: imported only to draw (0.7 s)
 

@@ -15,6 +15,10 @@ would do. None is set in a normal run.
     ALEXNET_INJECT_HANG="RANK:STEP:MARKER"
         Tower actor RANK sleeps HANG_S seconds at the run's step STEP, once (while MARKER does not
         exist); its partners' collectives time out.
+    ALEXNET_INJECT_LOADER_HANG="REPLICA:LOADER:EPOCH:BATCH:MARKER"
+        Loader actor LOADER of replica REPLICA sleeps HANG_S seconds when asked for training batch
+        BATCH of epoch EPOCH (0-based), once (while MARKER does not exist); the driver's wait for
+        that batch times out (--loader-timeout-s).
     ALEXNET_INJECT_SLOW_WRITE="SECONDS:PATTERN"
         A local atomic write (cluster/ckpt/storage.py) of a file whose path matches the fnmatch
         PATTERN writes half of its bytes to the temporary file, pauses SECONDS, then the rest
@@ -27,6 +31,7 @@ import os
 FAILURE_ENV = "ALEXNET_INJECT_FAILURE"
 NAN_ENV = "ALEXNET_INJECT_NAN"
 HANG_ENV = "ALEXNET_INJECT_HANG"
+LOADER_HANG_ENV = "ALEXNET_INJECT_LOADER_HANG"
 SLOW_WRITE_ENV = "ALEXNET_INJECT_SLOW_WRITE"
 HANG_S = 300.0  # how long an injected hang sleeps: longer than any test's collective timeout
 
@@ -60,6 +65,15 @@ def hang_at(rank: int, step: int) -> bool:
         return False
     hang_rank, hang_step, marker = spec.split(":", 2)
     return (rank, step) == (int(hang_rank), int(hang_step)) and _first_time(marker)
+
+
+def loader_hangs(replica: int, loader: int, epoch: int, batch: int) -> bool:
+    """Whether LOADER_HANG_ENV asks this loader to hang making this training batch."""
+    spec = os.environ.get(LOADER_HANG_ENV, "")
+    if not spec:
+        return False
+    *where, marker = spec.split(":", 4)
+    return tuple(int(part) for part in where) == (replica, loader, epoch, batch) and _first_time(marker)
 
 
 def slow_write_pause(path: str) -> float | None:

@@ -6,15 +6,13 @@ microbatches and steps its optimizer. Where the loop stands is one value, a `Pos
 import dataclasses
 import logging
 import math
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from cluster.ckpt import checkpoint
 from cluster.ckpt.checkpointer import Checkpointer
 from cluster.config import TrainConfig
-from cluster.replica_data import ReplicaReaders
+from cluster.inputs import InputPlan
 from cluster.telemetry.metrics import Metrics
 from cluster.telemetry.progress import Progress, format_duration
 from cluster.telemetry.step import StepSummary, Totals
@@ -36,37 +34,6 @@ def make_schedule(config: TrainConfig):
     if config.lr_schedule == "milestones":
         return MilestoneSchedule(config.scaled_lr, milestones=config.lr_milestones)
     return PlateauSchedule(config.scaled_lr, patience=config.lr_patience, max_drops=config.lr_max_drops)
-
-
-def prefetched(batches: Iterator, put, depth: int = 2) -> Iterator:
-    """Decode the next batches on a thread and place them in the object store while actors compute.
-    Yields (batch refs, seconds the loop waited for them): the data-wait of that step."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def stored(tensor):  # a tensor, one per replica, or None
-        if isinstance(tensor, list):
-            return [put(t) for t in tensor]
-        return None if tensor is None else put(tensor)
-
-    def produce():
-        try:
-            for batch in batches:
-                slots.put(dataclasses.replace(batch, images=stored(batch.images), labels=stored(batch.labels),
-                                              lighting=stored(batch.lighting), weights=stored(batch.weights)))
-            slots.put(done)
-        except BaseException as err:  # re-raised in the consumer
-            slots.put(err)
-
-    threading.Thread(target=produce, daemon=True, name="prefetch").start()
-    while True:
-        start = time.perf_counter()
-        item = slots.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item, time.perf_counter() - start
 
 
 @dataclasses.dataclass
@@ -123,13 +90,13 @@ class Start:
         return self.position.epoch
 
 
-def total_steps(config: TrainConfig, train_data: ReplicaReaders) -> int:
+def total_steps(config: TrainConfig, train_data: InputPlan) -> int:
     """Optimizer steps of the whole run: every epoch's batches, or --max-steps if fewer."""
     total = config.epochs * train_data.batches_per_epoch
     return min(total, config.max_steps) if config.max_steps else total
 
 
-def resume_point(directory: str, manifest: dict, train_data: ReplicaReaders) -> Start:
+def resume_point(directory: str, manifest: dict, train_data: InputPlan) -> Start:
     """The Start a checkpoint's manifest describes, its reader position checked against ours."""
     epoch, next_batch = train_data.check_state(manifest[checkpoint.KEY_LOADER])
     state = manifest[checkpoint.KEY_TRAINER]
@@ -137,11 +104,15 @@ def resume_point(directory: str, manifest: dict, train_data: ReplicaReaders) -> 
     return Start(position, state.get("schedule", {}), directory)
 
 
-def evaluate(workers, loader: ReplicaReaders) -> tuple[float, float, float]:
+def evaluate(workers, val_data: InputPlan, metrics: Metrics = Metrics()) -> tuple[float, float, float]:
     """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crop, or the
-    ten views with --eval-views 10; padding rows weigh 0)."""
-    scores = [workers.evaluate(batch.images, batch.labels, batch.weights)
-              for batch, _ in prefetched(loader.epoch_batches(0), workers.put)]
+    ten views with --eval-views 10; padding rows weigh 0), from the loaders."""
+    scores = []
+    for fed in workers.batches("val", 0, 0, val_data.batches_per_epoch):
+        metrics.loaded(fed.reports)
+        for report in fed.reports:
+            val_data.add_bad(report.bad)
+        scores.append(workers.evaluate(fed.images, fed.labels, fed.weights))
     total = sum(scores[1:], scores[0])
     n = max(total.images, 1)
     return total.loss_sum / n, total.top1 / n, total.top5 / n
@@ -151,7 +122,7 @@ class _Loop:
     """One attempt's loop state and what it reports to: the schedule, the checkpointer, the
     progress line, the metrics and the attempt's totals."""
 
-    def __init__(self, config: TrainConfig, workers, train_data: ReplicaReaders, start: Start,
+    def __init__(self, config: TrainConfig, workers, train_data: InputPlan, start: Start,
                  print_fn: Callable[[str], None], metrics: Metrics):
         self.config, self.workers, self.train_data, self.print_fn, self.metrics = (
             config, workers, train_data, print_fn, metrics)
@@ -182,21 +153,25 @@ class _Loop:
             if config.mesh.stages > 1:
                 extra += f" | bubble {100 * summary.pipeline.bubble:.0f}%"
             extra += f" | data wait {100 * self.run.data_wait_fraction:.0f}%"
+            if config.mesh.replicas > 1:
+                extra += " (" + ", ".join(f"r{r} {100 * share:.0f}%"
+                                          for r, share in enumerate(self.run.replica_data_wait_fractions)) + ")"
             self.print_fn(self.progress.line(summary.epoch, config.epochs, summary.loss, summary.lr, extra))
 
 
 def _train_epoch(loop: _Loop, at: Position) -> Position:
     """The steps of `at.epoch` from `at.batch` on, until the epoch or the run's steps end."""
     config, workers, lr = loop.config, loop.workers, loop.schedule.lr
-    batches = loop.metrics.decoding(loop.train_data.epoch_batches(at.epoch, at.batch))
+    last = min(loop.train_data.batches_per_epoch, at.batch + loop.total - at.step)  # no batch past the run
     tick = time.perf_counter()  # the end of the previous step: loop time counts from here
-    for batch, data_wait in prefetched(batches, workers.put):
-        if at.step >= loop.total:
-            break
-        reports = workers.train_step(batch.images, batch.labels, lr, batch.lighting, step=at.step + 1)
+    for fed in workers.batches("train", at.epoch, at.batch, last):
+        loop.metrics.loaded(fed.reports)
+        for report in fed.reports:
+            loop.train_data.add_bad(report.bad)  # DataError past --max-bad-fraction
+        reports = workers.train_step(fed.images, fed.labels, lr, fed.lighting, step=at.step + 1)
         now = time.perf_counter()
         summary = StepSummary.reduce(reports, config.mesh, step=at.step + 1, epoch=at.epoch, lr=lr,
-                                     data_wait=data_wait, loop_seconds=now - tick)
+                                     data_wait=fed.data_wait, loop_seconds=now - tick)
         tick = now
         if not math.isfinite(summary.loss):
             raise NonFiniteLoss(summary.step, summary.loss)
@@ -208,7 +183,7 @@ def _train_epoch(loop: _Loop, at: Position) -> Position:
     return at
 
 
-def train(config: TrainConfig, workers, train_data: ReplicaReaders, val_data: ReplicaReaders,
+def train(config: TrainConfig, workers, train_data: InputPlan, val_data: InputPlan,
           print_fn=print, start: Start | None = None, metrics: Metrics = Metrics()) -> TrainResult:
     start = start or Start()
     loop = _Loop(config, workers, train_data, start, print_fn, metrics)
@@ -222,7 +197,7 @@ def train(config: TrainConfig, workers, train_data: ReplicaReaders, val_data: Re
     at = start.position
     while at.epoch < config.epochs:
         at = _train_epoch(loop, at)
-        val_loss, top1, top5 = evaluate(workers, val_data)
+        val_loss, top1, top5 = evaluate(workers, val_data, metrics)
         epochs.append(EpochResult(at.epoch, at.loss_sum / max(at.batch, 1), val_loss, top1, top5))
         finished = at.batch == steps_per_epoch
         print_fn(f"epoch {at.epoch + 1}/{config.epochs}{'' if finished else f' (stopped after batch {at.batch})'}: "

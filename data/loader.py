@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -117,7 +116,7 @@ from data.transforms import (
     pca_lighting_offset,
 )
 
-__all__ = ["Batch", "DataError", "IndexStats", "ShardBatches", "scan_shard"]
+__all__ = ["Batch", "DataError", "IndexStats", "ShardBatches", "decoded_in_process", "scan_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +385,7 @@ class ShardBatches:
     def _scan_index(self, paths: list[str]) -> None:
         """Scan every shard's tar headers (``num_threads`` at a time)."""
         self.index_source = "scan"
-        with self._mapper() as map_fn:
-            scans = list(map_fn(self._scan_one, paths))
+        scans = list(self._scan_map(self._scan_one, paths))
         self.read_stats = IndexStats()
         keys, shards, offsets, sizes, labels = [], [], [], [], []
         for shard, (entries, stats) in enumerate(scans):
@@ -461,6 +459,13 @@ class ShardBatches:
         shard = int(self._shards[index])
         return self._shard_keys[shard][index - int(self._starts[shard])]
 
+    def _scan_map(self, fn: Callable, items: list) -> list:
+        """``map`` over the shards at construction, ``num_threads`` at a time."""
+        if self.num_threads == 1:
+            return list(map(fn, items))
+        with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
+            return list(pool.map(fn, items))
+
     def _scan_one(self, path: str) -> tuple[list, IndexStats]:
         stats = IndexStats()
         return scan_shard(path, stats, self.num_classes), stats
@@ -480,10 +485,13 @@ class ShardBatches:
         self._lock = threading.Lock()
         self._index_lock = threading.Lock()
         self._bad: dict[int, str] = {}  # index → reason, for samples that failed at load time
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # the decoding threads
+        self._plans: dict[int, tuple] = {}  # epoch → _plan(epoch), the newest few
+        self.decoded = 0  # images this reader decoded (a substitute for a bad one counts too)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for name in ("_files", "_lock", "_index_lock", "_bad"):
+        for name in ("_files", "_lock", "_index_lock", "_bad", "_pool", "_plans", "decoded"):
             del state[name]
         return state
 
@@ -502,8 +510,11 @@ class ShardBatches:
         return other
 
     def close(self) -> None:
-        """Close the open shard files (reading again reopens them)."""
+        """Close the open shard files and stop the decoding threads (reading again reopens them)."""
         self._files.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     # ------------------------------------------------------------ sizes
 
@@ -561,10 +572,22 @@ class ShardBatches:
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """Yield this replica's batches ``start_batch, start_batch + 1, ...`` of epoch ``epoch``."""
         self._check_position(epoch, "start_batch", start_batch)
-        order, positions, indices = self._plan(epoch)
-        with self._mapper() as map_fn:
-            for b in range(start_batch, self.batches_per_epoch):
-                yield self._batch(epoch, b, order, positions[b], indices[b], map_fn)
+        for b in range(start_batch, self.batches_per_epoch):
+            yield self.batch(epoch, b)
+
+    def batch(self, epoch: int, b: int) -> Batch:
+        """This replica's batch ``b`` of epoch ``epoch``, in any order of calls: the same bits as
+        :meth:`epoch_batches` gives (a loader actor makes every K-th batch)."""
+        self._check_position(epoch, "batch", b)
+        if b == self.batches_per_epoch:
+            raise ValueError(f"batch must be < batches_per_epoch={self.batches_per_epoch}, got {b}")
+        plan = self._plans.get(epoch)
+        if plan is None:
+            plan = self._plans[epoch] = self._plan(epoch)
+            for old in sorted(self._plans)[:-2]:  # an epoch's plan is (N,) arrays: keep two
+                del self._plans[old]
+        order, positions, indices = plan
+        return self._batch(epoch, b, order, positions[b], indices[b], self._map)
 
     def _batch(
         self,
@@ -647,10 +670,14 @@ class ShardBatches:
             self._count_bad(index, "unreadable image", path, str(err))
             return None
         try:
-            return decode(data)
+            decoded = decode(data)
         except ValueError as err:
             self._count_bad(index, "undecodable image", path, str(err))
             return None
+        with self._lock:
+            self.decoded += 1
+        _count_decoded()
+        return decoded
 
     def _count_bad(self, index: int, reason: str, path: str, detail: str) -> None:
         with self._lock:
@@ -660,14 +687,18 @@ class ShardBatches:
             self.read_stats.skip(reason, self._key(index), path, detail)
             self._check_bad_fraction()
 
-    @contextlib.contextmanager
-    def _mapper(self) -> Iterator[Callable[[Callable, Iterable], Iterable]]:
-        """An order-keeping ``map``: the built-in one, or a thread pool's."""
+    def _map(self, fn: Callable, items: Iterable) -> Iterable:
+        """An order-keeping ``map``: the built-in one, or the decoding threads'."""
         if self.num_threads == 1:
-            yield map
-            return
-        with concurrent.futures.ThreadPoolExecutor(self.num_threads) as pool:
-            yield pool.map
+            return map(fn, items)
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode")
+        return self._pool.map(fn, items)
+
+    def bad_samples(self) -> dict[int, str]:
+        """Samples this reader found unreadable or undecodable so far: index → reason."""
+        with self._lock:
+            return dict(self._bad)
 
     # ------------------------------------------------------------ resume
 
@@ -731,6 +762,21 @@ class ShardBatches:
             f"seed={self.seed}, replica={self.replica}/{self.replicas}, "
             f"samples={self.num_samples}, batches={self.batches_per_epoch})"
         )
+
+
+_decoded_here = [0]  # images decoded in this process, by every reader in it
+_decoded_lock = threading.Lock()
+
+
+def _count_decoded() -> None:
+    with _decoded_lock:
+        _decoded_here[0] += 1
+
+
+def decoded_in_process() -> int:
+    """Images decoded so far in this process, by every reader in it (the driver's stays 0)."""
+    with _decoded_lock:
+        return _decoded_here[0]
 
 
 def _manifest_counts(

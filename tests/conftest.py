@@ -3,8 +3,7 @@
 Ray: one local Ray on 127.0.0.1 serves every in-process run of the session — the actor meshes
 of the parity tests and the driver's `main()`, which joins a Ray it finds running and leaves it
 up. It starts on first use (`shared_ray`) and stops at the end of the session. A test whose
-driver must start a Ray of its own (to see environment the test sets first) asks for `own_ray`,
-which stops the shared one; the next `shared_ray` starts it again. Tests that run the driver as
+actors must see environment it sets first asks for `restarted_ray`, which starts it again. Tests that run the driver as
 a subprocess, or `ray start`, start and stop their own Ray and need neither.
 
 Markers: `ray` for tests that start Ray or its actors (`make test-fast` leaves them out). With
@@ -32,11 +31,12 @@ def local_ray():
 
 
 @pytest.fixture
-def own_ray():
-    """No Ray in this process when the test starts: its driver starts one of its own."""
+def restarted_ray():
+    """The session's Ray started afresh, so that its actors inherit the environment as it is
+    now (e.g. credentials a fixture set); it stays up for the tests after."""
     stop_shared_ray()
+    ensure_shared_ray()
     yield
-    stop_shared_ray()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -46,7 +46,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if {"shared_ray", "local_ray", "own_ray"} & set(item.fixturenames):  # it starts Ray
+        if {"shared_ray", "local_ray", "restarted_ray"} & set(item.fixturenames):  # it starts Ray
             item.add_marker(pytest.mark.ray)
         if item.get_closest_marker("xdist_group") is None:  # with -n, a module's tests share a worker
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -37,7 +37,7 @@ from test_driver import DRIVER, assert_nothing_left, tiny_run_args
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 REQUIRE_ENV = "ALEXNET_REQUIRE_PROMETHEUS"
 SHIPPED_CONFIG = REPO / "monitoring" / "prometheus.yml"
-RUN_ARGS = ("--epochs", "3", "--log-every", "1", "--checkpoint-every", "4")
+RUN_ARGS = ("--epochs", "3", "--log-every", "1", "--checkpoint-every", "4", "--report")
 NAN_STEP = 10  # its checkpoint before: step 8, complete once step 9 is done
 TOTAL_STEPS = 21  # 10 classes × 6 images, batch 8: 7 steps an epoch
 

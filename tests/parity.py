@@ -11,7 +11,6 @@ import contextlib
 
 import torch
 
-from cluster.launch import localnet
 from cluster.launch.actor_mesh import ActorMesh
 from cluster.config import TrainConfig
 from stages.loss import cross_entropy_reference
@@ -100,7 +99,7 @@ def one_mesh_at_a_time(make_config):
             for workers in current.values():
                 workers.shutdown()
             current.clear()
-            current[key] = ActorMesh(make_config(*args, **kwargs), localnet.loopback_env())
+            current[key] = ActorMesh(make_config(*args, **kwargs))
         return current[key]
 
     try:

@@ -20,7 +20,7 @@ from cluster.rank import rendezvous
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CLI = Path(sys.executable).with_name("ray")
-SHARED_CPUS = 8  # logical: the in-process meshes hold at most 6 actors of 1 CPU at a time
+SHARED_CPUS = 16  # logical: the largest in-process mesh, 2 replicas × (2 towers + 3 loaders), needs 10
 _restore_env = None  # set while the shared Ray runs
 
 
@@ -185,7 +185,7 @@ main()
 
 
 @contextlib.contextmanager
-def worker_node(head: Head, workdir: Path, name: str, num_cpus: int = 2):
+def worker_node(head: Head, workdir: Path, name: str, num_cpus: int = 4):
     """Join a worker node with `num_cpus` CPUs and the custom resource `name` to `head`; every
     port it opens is a free one on 127.0.0.1. Stops exactly that node afterwards."""
     ports = {flag: rendezvous.free_port() for flag in (

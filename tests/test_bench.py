@@ -53,3 +53,8 @@ def test_metrics_overhead(tmp_path, tiny_demo):
                             tiny_demo.val_pattern, "--num-classes", "10", "--image-size", "64", "--resize", "72",
                             "--batch-size", "8")
     assert "on/off" in out and result["ratio"] > 0
+
+
+def test_input(tmp_path):
+    out, result = run_bench("input", tmp_path, "--corpus", str(tmp_path / "corpus"))
+    assert "K=2 / K=1" in out and result["k2_over_k1"] > 0 and result["k2_over_old"] > 0

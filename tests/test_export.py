@@ -22,7 +22,6 @@ import torch
 from cluster import export
 from cluster.ckpt import checkpoint
 from cluster.ckpt.consolidate import load_export
-from cluster.launch import localnet
 from cluster.launch.actor_mesh import ActorMesh
 from data.transforms import normalize_batch
 from parity import assert_rel_close, batches, small_config
@@ -258,7 +257,7 @@ def trained_run(request, local_ray, tmp_path_factory) -> TrainedRun:
     mesh's logits of a third batch."""
     config = small_config(**LAYOUTS[request.param]).resolved_split()
     run_dir = str(tmp_path_factory.mktemp(request.param))
-    workers = ActorMesh(config, localnet.loopback_env())
+    workers = ActorMesh(config)
     try:
         *steps, (images, labels, lighting) = batches(config, 3)
         for step_images, step_labels, step_lighting in steps:

@@ -23,21 +23,23 @@ from test_resume import shard_tensors
 COMMON = ["--epochs", "2", "--log-every", "1", "--checkpoint-every", "2", "--max-steps", "10"]
 
 
-def tower_actors(proc: subprocess.Popen) -> list[int]:
-    """Pids of the driver's TowerWorker actor processes."""
+def actors_of(proc: subprocess.Popen, kind: str = "TowerWorker") -> list[int]:
+    """Pids of the driver's actor processes of class `kind` (TowerWorker, LoaderWorker)."""
     pids = []
     for pid in nettools.process_tree(roots=[proc.pid], pgids=[proc.pid]):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::TowerWorker"):
+                if f.read().startswith(f"ray::{kind}".encode()):
                     pids.append(pid)
         except OSError:
             pass
     return sorted(pids)
 
 
-def run_and_kill_an_actor(args: list[str], cwd, after_line: str) -> tuple[int, str]:
-    """Run the driver; once `after_line` is printed, SIGKILL one tower actor. (status, output)"""
+def run_and_kill_an_actor(args: list[str], cwd, after_line: str, kind: str = "TowerWorker",
+                          count: int = 2) -> tuple[int, str]:
+    """Run the driver; once `after_line` is printed, SIGKILL one of its `count` actors of class
+    `kind`. (status, output)"""
     proc = subprocess.Popen(DRIVER + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines, killed = [], None
@@ -45,8 +47,8 @@ def run_and_kill_an_actor(args: list[str], cwd, after_line: str) -> tuple[int, s
     for line in proc.stdout:
         lines.append(line)
         if killed is None and line.startswith(after_line):
-            actors = tower_actors(proc)
-            assert len(actors) == 2, actors
+            actors = actors_of(proc, kind)
+            assert len(actors) == count, actors
             killed = actors[-1]
             os.kill(killed, signal.SIGKILL)
         assert time.monotonic() < deadline, "".join(lines[-20:])
@@ -82,6 +84,32 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_as_if_nothing_happened(tiny
 
 
 @pytest.mark.timeout(600)
+def test_a_killed_loader_is_replaced_and_the_run_ends_as_if_nothing_happened(tiny_demo, tmp_path, uninterrupted):
+    args = tiny_run_args(tiny_demo, tmp_path / "killed", *COMMON, "--loaders-per-replica", "2")
+    status, out = run_and_kill_an_actor(args, tmp_path, after_line="step 5/10", kind="LoaderWorker")
+    assert status == 0, out[-3000:]
+    assert "restart 1/3: ActorDiedError" in out, out[-3000:]
+    assert "done: 10 steps" in out
+    assert_same_tensors(uninterrupted, shard_tensors(tmp_path / "killed" / "checkpoint-00000010"))
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_loader_is_named_and_replaced(tiny_demo, tmp_path, monkeypatch, capsys, shared_ray, uninterrupted):
+    # replica 0's loader 1 sleeps instead of making training batch 5 of epoch 1 (once): the driver
+    # waits 3 s for it, names it, rebuilds the mesh from the newest checkpoint and finishes
+    monkeypatch.setenv(faults.LOADER_HANG_ENV, f"0:1:0:5:{tmp_path / 'marker'}")
+    status = main(tiny_run_args(tiny_demo, tmp_path / "run", *COMMON, "--loaders-per-replica", "2",
+                                "--loader-timeout-s", "3"))
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert status == 0, out[-3000:]
+    assert re.search(r"restart 1/3: LoaderTimeout: loader 1 of replica 0 \(pid \d+ on 127\.0\.0\.1\) did not "
+                     r"deliver batch 5 of epoch 1 \(train\) within 3 s", out), out[-3000:]
+    assert "done: 10 steps" in out
+    assert_same_tensors(uninterrupted, shard_tensors(tmp_path / "run" / "checkpoint-00000010"))
+
+
+@pytest.mark.timeout(600)
 def test_an_actor_killed_while_writing_a_checkpoint_leaves_the_previous_one(tiny_demo, tmp_path, uninterrupted):
     """Rank 1's shard of checkpoint 4 is half written (its temporary file) when the actor is
     SIGKILLed: checkpoint 4 never gets a manifest, the run goes on from checkpoint 2 and ends
@@ -96,7 +124,7 @@ def test_an_actor_killed_while_writing_a_checkpoint_leaves_the_previous_one(tiny
     while not shard.with_name(shard.name + TMP_SUFFIX).exists():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.05)
-    rank1 = re.search(r"^1 +0 +0 +1 +\S+ +\S+ +\S+ +(\d+)$", log.read_text(), re.MULTILINE)  # the placement table
+    rank1 = re.search(r"^1 +0 +0 +1 +\S+ +\S+ +\S+ +\S+ +(\d+)$", log.read_text(), re.MULTILINE)  # the placement table
     os.kill(int(rank1.group(1)), signal.SIGKILL)
     assert not (shard.parent / checkpoint.MANIFEST).exists()
     proc.wait(timeout=300)

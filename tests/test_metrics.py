@@ -128,7 +128,7 @@ def test_a_new_driver_resuming_the_run_continues_its_history(tiny_demo, tmp_path
     first = capsys.readouterr().out
     assert "metrics: " not in first and not (run_dir / SNAPSHOT_FILE).exists() and not (run_dir / "report").exists()
     assert re.search(r"\n +1\* ", first[first.index("run summary"):]), first  # the epoch, marked as cut short
-    assert main(tiny_run_args(tiny_demo, run_dir, "--log-every", "1", "--metrics-addr", "127.0.0.1:0")) == 0
+    assert main(tiny_run_args(tiny_demo, run_dir, "--log-every", "1", "--metrics-addr", "127.0.0.1:0", "--report")) == 0
     second = capsys.readouterr().out
     history = read_history(str(run_dir))
     assert [s["step"] for s in history.starts] == [0, 4]

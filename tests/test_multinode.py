@@ -78,9 +78,10 @@ def run_driver(head, args, log_path):
 
 
 def placement_rows(out: str) -> list[list[str]]:
-    """The rows (rank, replica, stage, tower, node, ...) of the first placement table printed."""
-    table = out.split("placement:\n", 1)[1].splitlines()
-    return [line.split() for line in table[1:5]]
+    """The rows (rank, replica, stage, tower, node, ...) of the first placement table printed:
+    the 4 tower actors, then the loaders (rank L<replica>.<loader>)."""
+    table = out.split("placement:\n", 1)[1].splitlines()[1:]
+    return [line.split() for line in table[:table.index(next(line for line in table if line.startswith("loaders:")))]]
 
 
 def wait_for(path, proc, timeout: float = 240) -> None:
@@ -94,7 +95,7 @@ def wait_for(path, proc, timeout: float = 240) -> None:
 def test_a_job_spanning_two_worker_nodes_equals_the_single_node_run(tiny_demo, single_node_weights):
     with short_tmpdir("mn") as tmp, own_head(tmp, num_cpus=0) as head, \
             worker_node(head, tmp, "node_a") as node_a, worker_node(head, tmp, "node_b") as node_b:
-        proc = run_driver(head, job_args(tiny_demo, tmp / "run"), tmp / "driver.log")
+        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--loaders-per-replica", "2"), tmp / "driver.log")
         listeners = set()
         while proc.poll() is None:  # the three nodes' and the job's sockets, while it runs
             tree = nettools.process_tree(roots=[proc.pid], pgids=[proc.pid, head.pgid, node_a.pgid, node_b.pgid])
@@ -106,10 +107,14 @@ def test_a_job_spanning_two_worker_nodes_equals_the_single_node_run(tiny_demo, s
         assert proc.returncode == 0, out[-4000:]
         rows = placement_rows(out)
         assert [row[:4] for row in rows] == [["0", "0", "0", "0"], ["1", "0", "0", "1"], ["2", "1", "0", "0"],
-                                             ["3", "1", "0", "1"]], out
+                                             ["3", "1", "0", "1"], ["L0.0", "0", "0", "-"], ["L0.1", "0", "0", "-"],
+                                             ["L1.0", "1", "0", "-"], ["L1.1", "1", "0", "-"]], out
         nodes = [row[4] for row in rows]
         assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], out  # towers together,
-        # replicas apart
+        # replicas apart, and each replica's loaders on the node of its stage 0 (both its towers)
+        assert nodes[4] == nodes[5] == nodes[0] and nodes[6] == nodes[7] == nodes[2], out
+        assert re.search(r"^decoded: replica 0 loader 0 \d+, replica 0 loader 1 \d+, replica 1 loader 0 \d+, "
+                         r"replica 1 loader 1 \d+; the driver 0$", out, re.MULTILINE), out[-2000:]
         assert f"done: {STEPS} steps" in out, out[-3000:]
         weights = shard_tensors(tmp / "run" / f"checkpoint-{STEPS:08d}")
     assert weights.keys() == single_node_weights.keys()
@@ -138,11 +143,11 @@ def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_
 def test_a_lost_worker_node_that_does_not_come_back_stops_the_run_clearly(tiny_demo):
     with short_tmpdir("ml") as tmp, own_head(tmp, num_cpus=0, extra_env=FAST_HEALTH_CHECKS) as head, \
             worker_node(head, tmp, "node_a"), worker_node(head, tmp, "node_b") as node_b:
-        proc = run_driver(head, job_args(tiny_demo, tmp / "run"), tmp / "driver.log")
+        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--placement-timeout-s", "8"), tmp / "driver.log")
         wait_for(tmp / "run" / "checkpoint-00000002" / checkpoint.MANIFEST, proc)
         node_b.kill_raylet()
         proc.wait(timeout=300)
         out = (tmp / "driver.log").read_text()
     assert proc.returncode == 1, out[-4000:]
-    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 2\} on one node .* \(waited 20 s\)",
+    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 3\} on one node .* \(waited 8 s\)",
                      out), out[-4000:]

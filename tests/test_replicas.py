@@ -156,25 +156,27 @@ def test_bad_mesh_and_data_parallel_options_fail_before_any_actor():
 
 def test_replica_readers_deal_disjoint_equal_shares_of_every_epoch(tiny_demo):
     """Each replica reads its own share of an epoch, the same number of batches, no sample twice;
-    between them every sample but the remainder of a global batch (60 images, 3 × 8 per step)."""
-    from cluster.replica_data import ReplicaReaders
+    between them every sample but the remainder of a global batch (60 images, 3 × 8 per step).
+    The loaders take their replica's reader from replica 0's (the index built once)."""
+    from cluster.inputs import InputPlan
     from data.loader import ShardBatches
 
     settings = dict(train=True, seed=0, resize=72, crop=64, num_classes=10, replicas=3)
-    first = ShardBatches(tiny_demo.train_pattern, 8, **settings)
-    readers = ReplicaReaders([first.for_replica(r) for r in range(3)])  # the index built once
-    assert readers.batches_per_epoch == 60 // 24
+    plan = InputPlan(ShardBatches(tiny_demo.train_pattern, 8, **settings))
+    readers = [plan.reader.for_replica(r) for r in range(3)]  # what each replica's loaders hold
+    assert plan.batches_per_epoch == 60 // 24
     built = ShardBatches(tiny_demo.train_pattern, 8, replica=2, **settings)  # the same as building replica 2's
     assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-               for a, b in zip(readers.readers[2].epoch_batches(0), built.epoch_batches(0)))
-    assert readers.readers[2].state_dict(0, 1) == built.state_dict(0, 1)
+               for a, b in zip(readers[2].epoch_batches(0), built.epoch_batches(0)))
+    assert readers[2].state_dict(0, 1) == built.state_dict(0, 1)
     for epoch in (0, 1):
         seen = []
-        for batch in readers.epoch_batches(epoch):
-            assert len(batch.images) == 3 and all(images.shape[0] == 8 for images in batch.images)
-            seen.extend(int(i) for indices in batch.indices for i in indices)
+        for b in range(plan.batches_per_epoch):
+            parts = [reader.batch(epoch, b) for reader in readers]
+            assert all(part.images.shape[0] == 8 for part in parts)
+            seen.extend(int(i) for part in parts for i in part.indices)
         assert len(seen) == len(set(seen)) == 48
-    resumed = next(readers.epoch_batches(1, 1))  # a checkpoint's position: every replica from batch 1
-    straight = list(readers.epoch_batches(1))[1]
-    assert all(torch.equal(a, b) for a, b in zip(resumed.images, straight.images))
-    assert readers.check_state(readers.state_dict(1, 1)) == (1, 1)
+    # a loader asked for batch 1 first (a checkpoint's position) makes what an epoch's pass does
+    fresh = plan.reader.for_replica(1)
+    assert torch.equal(fresh.batch(1, 1).images, list(readers[1].epoch_batches(1))[1].images)
+    assert plan.check_state(plan.state_dict(1, 1)) == (1, 1)

@@ -244,7 +244,7 @@ def test_an_actor_saves_loads_and_checks_an_s3_run_dir(s3):
 # --- the driver end to end
 
 @pytest.mark.timeout(600)
-def test_a_run_on_s3_resumes_exactly_and_exports(own_ray, s3, tiny_demo, tmp_path, capsys):
+def test_a_run_on_s3_resumes_exactly_and_exports(s3, restarted_ray, tiny_demo, tmp_path, capsys):
     # 60 training images in batches of 8: 7 steps per epoch. The runs stop at step 3 and 5, inside
     # the epoch, each with a checkpoint (of 80 MB per tower: fc7 is the paper's). Dropout on.
     common = ["--log-every", "1", "--dropout", "0.5"]

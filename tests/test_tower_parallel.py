@@ -4,7 +4,6 @@
 import pytest
 import torch
 
-from cluster.launch import localnet
 from cluster.launch.actor_mesh import ActorMesh
 from parity import LRS, RTOL, assert_rel_close, batches, reference_evaluation, reference_run, small_config
 
@@ -18,7 +17,7 @@ from parity import LRS, RTOL, assert_rel_close, batches, reference_evaluation, r
 def test_matches_reference(local_ray, towers, microbatches, variant):
     config = small_config(towers=towers, microbatches=microbatches, variant=variant)
     first, final = reference_run(config)
-    workers = ActorMesh(config, localnet.loopback_env())
+    workers = ActorMesh(config)
     try:
         probes = workers.probe(*next(batches(config, 1)))
         for probe in probes:  # every tower reports the full loss
@@ -42,7 +41,7 @@ def test_microbatch_count_does_not_change_the_result(local_ray):
     weights = {}
     for m in (1, 4):
         config = small_config(towers=2, microbatches=m)
-        workers = ActorMesh(config, localnet.loopback_env())
+        workers = ActorMesh(config)
         try:
             for (images, labels, lighting), lr in zip(batches(config, len(LRS)), LRS):
                 workers.train_step(images, labels, lr, lighting)
@@ -62,7 +61,7 @@ def test_evaluation_matches_reference(local_ray, views):
     weights = torch.ones(config.batch_size)
     weights[-1] = 0.0
     expected = reference_evaluation(config, images, labels, weights)
-    workers = ActorMesh(config, localnet.loopback_env())
+    workers = ActorMesh(config)
     try:
         results = [workers.evaluate(images, labels, weights)]  # the driver's path
         results += workers.evaluate_each(images, labels, weights)  # both towers

@@ -7,6 +7,7 @@ driver waits for them all; groups are destroyed before the actors are killed.
 """
 
 import logging
+from collections.abc import Iterator
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -15,10 +16,12 @@ from torch import Tensor
 from cluster.ckpt.reach import Answer
 from cluster.config import ConfigError, TrainConfig
 from cluster.rank.pipeline import StepPlan
+from cluster.launch.loaders import FedBatch, LoaderPool
 from cluster.launch.placement_groups import place, release
 from cluster.plan.placement import PlacementError, format_placement
 from cluster.rank.report import EvalScores, ProbeReport, StepReport
 from cluster.rank.worker import TowerWorker
+from data.loader import ShardBatches
 
 __all__ = ["ActorMesh", "PlacementError"]
 
@@ -26,22 +29,31 @@ log = logging.getLogger(__name__)
 
 
 class ActorMesh:
-    """`wait_for_nodes`: a cluster too small for the mesh is waited for (a restart: a lost node's
+    """The tower actors of `config.mesh` and, given `readers` (replica 0's train and val readers,
+    their index; cluster/inputs.py), each replica's loader actors (cluster/launch/loaders.py),
+    which then feed `batches`. Without readers, the caller hands every step its tensors (tests).
+
+    `wait_for_nodes`: a cluster too small for the mesh is waited for (a restart: a lost node's
     capacity may come back) for up to --placement-timeout-s, instead of reported at once."""
 
-    def __init__(self, config: TrainConfig, env_vars: dict[str, str] | None = None, wait_for_nodes: bool = False):
+    def __init__(self, config: TrainConfig, env_vars: dict[str, str] | None = None, wait_for_nodes: bool = False,
+                 readers: dict[str, ShardBatches] | None = None):
         self.config, self.mesh = config, config.mesh
-        per_actor, self.groups = place(config, wait_for_nodes)
-        self.uses_gpu = "GPU" in per_actor
-        self.actors = []
+        self.placement = place(config, readers is not None, wait_for_nodes)
+        self.groups = self.placement.groups
+        self.uses_gpu = "GPU" in self.placement.per_actor
+        self.actors, self.loaders = [], None
         try:
-            self._start(per_actor, env_vars)
+            self._start(self.placement.per_actor, dict(env_vars or {}), readers)
         except BaseException:
             self.shutdown(timeout=0)
             raise
         log.info("mesh up: %s, backend %s, rendezvous %s:%d", config.mesh.describe(), self.backend, *self.rendezvous)
 
-    def _start(self, per_actor: dict, env_vars: dict[str, str] | None) -> None:
+    def _start(self, per_actor: dict, env_vars: dict[str, str], readers: dict[str, ShardBatches] | None) -> None:
+        if readers is not None:
+            self.loaders = LoaderPool(self.groups, readers, self.placement.loaders, self.placement.loader_cpus,
+                                      env_vars, self.config.prefetch, self.config.loader_timeout_s)
         worker_cls = ray.remote(TowerWorker)
         for rank in range(self.mesh.world_size):
             coord = self.mesh.coord(rank)
@@ -49,21 +61,31 @@ class ActorMesh:
                                                         placement_group_bundle_index=coord.stage)
             self.actors.append(worker_cls.options(
                 num_cpus=per_actor["CPU"], num_gpus=per_actor.get("GPU", 0), scheduling_strategy=strategy,
-                runtime_env={"env_vars": dict(env_vars or {})}, max_restarts=0).remote(self.config, rank))
+                runtime_env={"env_vars": env_vars} if env_vars else None, max_restarts=0).remote(self.config, rank))
         self._wait_until_started(per_actor)
         self.where = self._gather([actor.where.remote() for actor in self.actors])
+        if self.loaders is not None:
+            self.loaders.located()
         self.rendezvous = ray.get(self.actors[0].rendezvous_address.remote())
         host, port = self.rendezvous
         self.backend = self._gather([actor.init_distributed.remote(host, port) for actor in self.actors])[0]
 
     def placement_table(self) -> str:
-        return format_placement(self.mesh, self.where)
+        loaders = self.loaders.where if self.loaders is not None else []
+        return format_placement(self.mesh, self.where, self.placement.per_actor, loaders, self.placement.loader_cpus)
+
+    def batches(self, split: str, epoch: int, start: int, count: int) -> Iterator[FedBatch]:
+        """Every replica's batches start..count − 1 of `split`'s `epoch`, from the loaders."""
+        if self.loaders is None:
+            raise RuntimeError("this mesh has no loaders: build it with readers")
+        return self.loaders.batches(split, epoch, start, count)
 
     def _wait_until_started(self, resources: dict) -> None:
         """Every actor up within the placement timeout, or a clear error (no silent hang when the
         cluster's resources are held by someone else)."""
         timeout = self.config.placement_timeout_s
-        refs = [actor.__ray_ready__.remote() for actor in self.actors]
+        everyone = self.actors + (self.loaders.all_actors if self.loaders is not None else [])
+        refs = [actor.__ray_ready__.remote() for actor in everyone]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
         if pending:
             raise PlacementError(
@@ -210,4 +232,6 @@ class ActorMesh:
         finally:
             for actor in self.actors:
                 ray.kill(actor)
+            if self.loaders is not None:
+                self.loaders.shutdown()
             release(self.groups)

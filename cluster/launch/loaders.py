@@ -54,11 +54,13 @@ class LoaderPool:
         self.loaders, self.prefetch, self.timeout_s = loaders, prefetch, timeout_s
         worker_cls = ray.remote(LoaderWorker)
         shared = ray.put(readers)  # every loader's copy of the index comes from this one object
-        self.actors = [[worker_cls.options(num_cpus=cpus, max_restarts=0, runtime_env={"env_vars": dict(env_vars)},
+        runtime_env = {"env_vars": dict(env_vars)} if env_vars else None  # none: a worker of the job's own env
+        self.actors = [[worker_cls.options(num_cpus=cpus, max_restarts=0, runtime_env=runtime_env,
                                            scheduling_strategy=PlacementGroupSchedulingStrategy(
                                                group, placement_group_bundle_index=0)).remote(shared, r, k, loaders)
                         for k in range(loaders)] for r, group in enumerate(groups)]
         self.where: list[list[dict]] = []
+        self.most_ahead = 0  # the most batches asked for beyond the one waited for (≤ loaders × prefetch)
 
     @property
     def all_actors(self) -> list:
@@ -84,6 +86,7 @@ class LoaderPool:
                 pending[ahead] = [self.actors[r][ahead % self.loaders].load.options(num_returns=RESULTS)
                                   .remote(split, epoch, ahead) for r in range(len(self.actors))]
                 ahead += 1
+            self.most_ahead = max(self.most_ahead, ahead - b - 1)
             refs = pending.pop(b)
             waits = self._wait(refs, split, epoch, b)
             reports = ray.get([replica[4] for replica in refs])  # a dead loader's error surfaces here

@@ -2,13 +2,15 @@
 per stage, each bundle pinned to its planned node (cluster/plan/placement.py makes the plan).
 """
 
+import dataclasses
 import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from cluster.config import TrainConfig
-from cluster.plan.placement import NODE_ID_LABEL, Node, PlacementError, format_resources, actor_resources, plan_placement, stage_bundle
+from cluster.plan.placement import (NODE_ID_LABEL, Node, PlacementError, actor_resources, auto_loaders,
+                                    format_resources, plan_placement, stage_bundle)
 
 
 def cluster_nodes(capacity: bool = False) -> list[Node]:
@@ -21,47 +23,64 @@ def cluster_nodes(capacity: bool = False) -> list[Node]:
             for n in ray.nodes() if n["Alive"]]
 
 
-def place(config: TrainConfig, wait_for_nodes: bool = False, poll_s: float = 0.5,
-          attempt_s: float = 10.0) -> tuple[dict, list]:
-    """Plan the mesh on the cluster's free resources and reserve it: (per-actor resources, one
-    placement group per replica, ready). Everything within --placement-timeout-s: resources a
-    previous mesh held take a moment to come back, and a plan whose node died before Ray noticed
-    is dropped after `attempt_s` and made again. A cluster whose nodes could never hold the mesh,
-    even idle, is reported at once, unless `wait_for_nodes` (a restart: a node lost in the
-    failure may come back, or an autoscaler add one)."""
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """A reserved mesh: what each tower actor and each loader takes, and the placement groups."""
+
+    per_actor: dict  # resources of one tower actor
+    loaders: int  # loader actors per replica (0: the mesh has none)
+    loader_cpus: float  # CPUs of one loader actor
+    groups: list  # one placement group per replica; bundle s holds stage s (and stage 0 the loaders)
+
+
+def place(config: TrainConfig, with_loaders: bool, wait_for_nodes: bool = False, poll_s: float = 0.5,
+          attempt_s: float = 10.0) -> Placement:
+    """Plan the mesh on the cluster's free resources and reserve it, with `with_loaders` the
+    loader actors too (--loaders-per-replica, 0: `auto_loaders` from the nodes' capacity).
+    Everything within --placement-timeout-s: resources a previous mesh held take a moment to
+    come back, and a plan whose node died before Ray noticed is dropped after `attempt_s` and
+    made again. A cluster whose nodes could never hold the mesh, even idle, is reported at once,
+    unless `wait_for_nodes` (a restart: a node lost in the failure may come back, or an
+    autoscaler add one)."""
     timeout = config.placement_timeout_s
     deadline = time.monotonic() + timeout
     while True:
         capacity = cluster_nodes(capacity=True)
         per_actor = actor_resources(config.mesh, config.threads_per_worker, capacity)
+        loaders = 0
+        if with_loaders:
+            loaders = config.loaders_per_replica or auto_loaders(config.mesh, per_actor, config.loader_threads, capacity)
+        loader_cpus = loaders * config.loader_threads
         try:  # could the cluster hold the mesh at all?
-            plan_placement(config.mesh, per_actor, capacity, config.pinned_stages, view="in all")
+            plan_placement(config.mesh, per_actor, capacity, config.pinned_stages, "in all", loader_cpus)
         except PlacementError:
             if not wait_for_nodes:
                 raise
         try:
-            plan = plan_placement(config.mesh, per_actor, cluster_nodes(), config.pinned_stages)
+            plan = plan_placement(config.mesh, per_actor, cluster_nodes(), config.pinned_stages, "free", loader_cpus)
         except PlacementError as err:
             if time.monotonic() >= deadline:
                 raise PlacementError(f"{err} (waited {timeout:g} s)") from None
             time.sleep(poll_s)
             continue
         left = deadline - time.monotonic()
-        groups = _reserve(config, per_actor, plan, min(left, attempt_s) if wait_for_nodes else left)
+        groups = _reserve(config, per_actor, loader_cpus, plan, min(left, attempt_s) if wait_for_nodes else left)
         if groups:
-            return per_actor, groups
+            return Placement(per_actor, loaders, config.loader_threads, groups)
         if time.monotonic() >= deadline:
             raise PlacementError(f"the replicas' placement groups were not placed within {timeout:g} s (the cluster "
-                                 f"has {format_resources(ray.available_resources())} free): free those resources, add nodes "
-                                 f"or raise --placement-timeout-s")
+                                 f"has {format_resources(ray.available_resources())} free): free those resources, "
+                                 f"add nodes or raise --placement-timeout-s")
 
 
-def _reserve(config: TrainConfig, per_actor: dict, plan: list[list[Node]], timeout: float) -> list | None:
+def _reserve(config: TrainConfig, per_actor: dict, loader_cpus: float, plan: list[list[Node]],
+             timeout: float) -> list | None:
     """One placement group per replica (a bundle per stage, pinned to its planned node); None if
     they are not all ready within `timeout` seconds (then they are removed)."""
     groups = []
     for nodes in plan:
-        bundles = [stage_bundle(config.mesh, per_actor, config.pinned_stages.get(s)) for s in range(config.stages)]
+        bundles = [stage_bundle(config.mesh, per_actor, config.pinned_stages.get(s), loader_cpus if s == 0 else 0)
+                   for s in range(config.stages)]
         groups.append(placement_group(bundles, strategy="PACK",
                                       bundle_label_selector=[{NODE_ID_LABEL: n.node_id} for n in nodes]))
     _, pending = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=max(timeout, 0.0))

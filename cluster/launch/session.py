@@ -14,13 +14,15 @@ import ray
 import torch.distributed as dist
 
 from cluster.launch import localnet
+from cluster.launch.loaders import LoaderTimeout
 
 
 @contextlib.contextmanager
 def ray_session(address: str = "", cpus_wanted: int = 1):
     """Join the cluster at `address` (or $RAY_ADDRESS, or the one this process is connected to
     already, which it then leaves running), else start a local one bound to 127.0.0.1 with at
-    least `cpus_wanted` CPUs. Yields the environment variables actors need."""
+    least `cpus_wanted` CPUs. Yields the environment variables actors need beyond their node's:
+    none (a local Ray's processes inherit the loopback settings from this one's environment)."""
     if ray.is_initialized():
         yield {}
         return
@@ -31,7 +33,7 @@ def ray_session(address: str = "", cpus_wanted: int = 1):
     else:
         restore_env = localnet.apply_loopback_env()  # every listener on 127.0.0.1
         ray.init(num_cpus=max(cpus_wanted, os.cpu_count() or 1), **localnet.local_ray_init_kwargs())
-        env = localnet.loopback_env()
+        env = {}  # the raylet, and so every worker, started with loopback_env() in its environment
     try:
         yield env
     finally:
@@ -45,9 +47,9 @@ _TRANSPORT_ERRORS = ("gloo/transport", "Connection reset by peer", "Connection c
 
 
 def restartable(err: Exception) -> bool:
-    """A failure of the machinery, not of the training code: an actor process that died, or a
-    collective or transfer that failed or timed out (a peer died or hung)."""
-    if isinstance(err, ray.exceptions.RayActorError):
+    """A failure of the machinery, not of the training code: an actor process that died, a loader
+    that hung, or a collective or transfer that failed or timed out (a peer died or hung)."""
+    if isinstance(err, (ray.exceptions.RayActorError, LoaderTimeout)):
         return True
     if not isinstance(err, ray.exceptions.RayTaskError):
         return False
@@ -68,6 +70,8 @@ def restart_cause(err: Exception) -> str:
     """What a restartable failure was, in the metrics' words (cluster/telemetry/metrics.py RESTART_CAUSES)."""
     if isinstance(err, ray.exceptions.RayActorError):
         return "actor_died"
+    if isinstance(err, LoaderTimeout):
+        return "loader_timeout"
     return "collective_timeout" if "Timed out" in failure_cause(err) else "collective_failed"
 
 

@@ -19,6 +19,7 @@ from cluster.plan.mesh import Coord, Mesh
 
 NODE_ID_LABEL = "ray.io/node-id"
 PIN_AMOUNT = 0.01  # of a --stage-resources resource, per stage
+MAX_AUTO_LOADERS = 16  # loaders per replica that `auto_loaders` gives at most
 
 
 class PlacementError(RuntimeError):
@@ -40,12 +41,28 @@ def actor_resources(mesh: Mesh, threads_per_worker: int, nodes: list[Node]) -> d
     return {"CPU": threads_per_worker}
 
 
-def stage_bundle(mesh: Mesh, per_actor: dict, resource: str | None) -> dict:
-    """One stage of one replica: every tower's actor, plus the stage's pinning resource."""
+def stage_bundle(mesh: Mesh, per_actor: dict, resource: str | None, loader_cpus: float = 0) -> dict:
+    """One stage of one replica: every tower's actor, the stage's pinning resource, and the CPUs
+    of the replica's loader actors (stage 0's bundle: the loaders run where the images go)."""
     bundle = {name: amount * mesh.towers for name, amount in per_actor.items()}
+    if loader_cpus:
+        bundle["CPU"] = bundle.get("CPU", 0) + loader_cpus
     if resource:
         bundle[resource] = PIN_AMOUNT
     return bundle
+
+
+def auto_loaders(mesh: Mesh, per_actor: dict, threads: int, nodes: list[Node]) -> int:
+    """Loader actors per replica that the nodes' spare CPUs keep busy: on GPU actors, the CPUs a
+    GPU node has beyond its actors', shared by the replicas it hosts, `threads` per loader (at
+    least 1, at most MAX_AUTO_LOADERS); on CPU actors 1, since their cores train."""
+    if "GPU" not in per_actor or not nodes:
+        return 1
+    node = max(nodes, key=lambda n: (n.free.get("GPU", 0), n.free.get("CPU", 0)))
+    actors_here = min(int(node.free.get("GPU", 0)), mesh.world_size)
+    replicas_here = max(1, actors_here // (mesh.stages * mesh.towers))
+    spare = node.free.get("CPU", 0) - actors_here * per_actor.get("CPU", 0)
+    return max(1, min(MAX_AUTO_LOADERS, int(spare // (replicas_here * threads))))
 
 
 def _fits(want: dict, free: dict) -> bool:
@@ -53,10 +70,11 @@ def _fits(want: dict, free: dict) -> bool:
 
 
 def plan_placement(mesh: Mesh, per_actor: dict, nodes: list[Node], pinned: dict[int, str] | None = None,
-                   view: str = "free") -> list[list[Node]]:
-    """The node of every (replica, stage): `plan[replica][stage]`. Raises PlacementError naming
-    the first bundle that fits nowhere, what it wants and what each node has (`view`: what the
-    nodes' resources are, "free" or "in all")."""
+                   view: str = "free", loader_cpus: float = 0) -> list[list[Node]]:
+    """The node of every (replica, stage): `plan[replica][stage]`; each replica's stage 0 also
+    holds `loader_cpus` for its loader actors. Raises PlacementError naming the first bundle that
+    fits nowhere, what it wants and what each node has (`view`: what the nodes' resources are,
+    "free" or "in all")."""
     pinned = pinned or {}
     free = {n.node_id: dict(n.free) for n in nodes}
     hosted = {n.node_id: 0 for n in nodes}  # replicas with a stage on the node
@@ -66,15 +84,16 @@ def plan_placement(mesh: Mesh, per_actor: dict, nodes: list[Node], pinned: dict[
         order = sorted(nodes, key=lambda n: (hosted[n.node_id], -free[n.node_id].get(main, 0), n.node_id))
         stages: list[Node] = []
         for stage in range(mesh.stages):
-            want = stage_bundle(mesh, per_actor, pinned.get(stage))
+            want = stage_bundle(mesh, per_actor, pinned.get(stage), loader_cpus if stage == 0 else 0)
             candidates = stages[-1:] + order  # pack: stay on the previous stage's node while it fits
             node = next((n for n in candidates if _fits(want, free[n.node_id])), None)
             if node is None:
                 have = "; ".join(f"{n.address} {n.node_id[:8]}: {format_resources(free[n.node_id])}" for n in nodes)
                 raise PlacementError(
                     f"replica {replica} stage {stage} needs {format_resources(want)} on one node (its {mesh.towers} tower "
-                    f"actor(s) together) and no node has it {view} ({have or 'no nodes'}): add nodes, lower "
-                    f"--threads-per-worker or --replicas, or check --stage-resources")
+                    f"actor(s) together{' and its loaders' if stage == 0 and loader_cpus else ''}) and no node has it "
+                    f"{view} ({have or 'no nodes'}): add nodes, lower --threads-per-worker, --replicas or "
+                    f"--loaders-per-replica, or check --stage-resources")
             for name, amount in want.items():
                 free[node.node_id][name] -= amount
             stages.append(node)
@@ -91,12 +110,19 @@ def format_resources(resources: dict) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
 
 
-def format_placement(mesh: Mesh, where: list[dict]) -> str:
-    """The placement table: one row per actor (its coordinates, node, GPUs, process)."""
-    rows = [("rank", "replica", "stage", "tower", "node", "address", "GPU", "pid")]
+def format_placement(mesh: Mesh, where: list[dict], per_actor: dict, loaders: list[list[dict]] = (),
+                     loader_cpus: float = 0) -> str:
+    """The placement table: one row per tower actor (its coordinates, node, GPUs, CPUs, process),
+    then one per loader actor, ranked `L<replica>.<loader>` (they run on their replica's stage 0)."""
+    rows = [("rank", "replica", "stage", "tower", "node", "address", "GPU", "CPUs", "pid")]
     for rank, place in enumerate(where):
         coord: Coord = mesh.coord(rank)
         rows.append((str(rank), str(coord.replica), str(coord.stage), str(coord.tower), place["node_id"][:12],
-                     place["address"], ",".join(map(str, place["gpus"])) or "-", str(place["pid"])))
+                     place["address"], ",".join(map(str, place["gpus"])) or "-", f"{per_actor.get('CPU', 0):g}",
+                     str(place["pid"])))
+    for replica, places in enumerate(loaders):
+        for k, place in enumerate(places):
+            rows.append((f"L{replica}.{k}", str(replica), "0", "-", place["node_id"][:12], place["address"], "-",
+                         f"{loader_cpus:g}", str(place["pid"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

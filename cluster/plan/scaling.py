@@ -542,6 +542,68 @@ def owt_step(net: Network, compute, where: Cluster, global_batch: int, act_bytes
                     finish - end, opt, traffic)
 
 
+# --- the input path: loader actors decode on each replica's stage-0 node (cluster/launch/loaders.py)
+
+@dataclasses.dataclass(frozen=True)
+class InputPath:
+    """What feeds the GPUs: each replica's loaders decode on the node of its stage 0, on the CPU
+    cores that node has beyond one per GPU actor."""
+
+    name: str
+    decode_images_s_per_core: float  # training images one core makes per second (crop, flip, lighting)
+    cores_per_node: float  # CPU cores of a GPU node
+    source: str
+
+
+# One core's training images/s, measured on this project's machine (AMD EPYC, bench/data_pipeline.py
+# (c) and (d), docs/BENCHMARKS.md), and the CPU cores of the GPU nodes deploy/cluster.yaml names:
+# p4d.24xlarge, 96 vCPUs = 48 cores for 8 GPUs (hyper-threads counted as no extra core).
+CORES_PER_NODE = 48
+DECODE_FULL = InputPath("full-size shards", 825.0, CORES_PER_NODE, "bench/data_pipeline.py (c), one core")
+DECODE_256 = InputPath("pre-resized 256 shards", 2156.0, CORES_PER_NODE, "bench/data_pipeline.py (d), one core")
+INPUT_PATHS = (DECODE_FULL, DECODE_256)
+
+CROP = PAPER.image_size
+IMAGE_BYTES = 3 * CROP * CROP  # one uint8 training image at the crop
+LABEL_BYTES = 8  # an int64 label
+LIGHTING_BYTES = 3 * 4  # its PCA colour offset, float32
+
+
+def input_bytes(batch: int) -> dict:
+    """Bytes per step per replica: what a loader puts into its node's object store (the images,
+    their lighting offsets and labels, stored once; both tower actors of stage 0 read the same
+    copy there), and what crosses the network: the labels, to the last stage when it is on
+    another node. The images never leave their node."""
+    return {"object_store": batch * (IMAGE_BYTES + LIGHTING_BYTES + LABEL_BYTES), "nic": batch * LABEL_BYTES}
+
+
+def stage0_nodes(est: Estimate, where: Cluster) -> list[int]:
+    """The node of each replica's stage 0, by the placement rule."""
+    plan = place(est.replicas, est.stages, est.towers, where.nodes, where.gpus_per_node)
+    return [replica[0] for replica in plan]
+
+
+def input_bound_images_s(est: Estimate, where: Cluster, path: InputPath) -> float:
+    """The global images/s the loaders can make: each node's spare cores (its cores less one per
+    GPU actor on it) shared by the replicas whose stage 0 it holds; the step waits for the
+    slowest replica, so the mesh makes R × the slowest replica's rate."""
+    firsts = stage0_nodes(est, where)
+    gpu_actors = [0] * where.nodes
+    for replica in place(est.replicas, est.stages, est.towers, where.nodes, where.gpus_per_node):
+        for node in replica:
+            gpu_actors[node] += est.towers
+    per_replica = []
+    for node in set(firsts):
+        spare = max(path.cores_per_node - gpu_actors[node], 0.0)
+        per_replica.append(spare / firsts.count(node) * path.decode_images_s_per_core)
+    return est.replicas * min(per_replica)
+
+
+def cores_per_gpu(est: Estimate, path: InputPath) -> float:
+    """Decoding cores each GPU needs to keep up with its compute-bound rate."""
+    return est.images_s / est.gpus / path.decode_images_s_per_core
+
+
 def describe(est: Estimate) -> str:
     """One line: shape, split, images/s and where the step goes."""
     split = " | ".join(f"{s[0]}-{s[-1]}" if len(s) > 1 else s[0] for s in est.split)

@@ -51,7 +51,6 @@ class LoaderWorker:
         self.readers = {split: reader.for_replica(replica) for split, reader in readers.items()}
         torch.set_num_threads(1)  # decoding threads are the reader's own (num_threads)
         self._reported: dict[str, set[int]] = {split: set() for split in SPLITS}
-        self.hang_at = faults.loader_hang(replica, loader)
 
     def where(self) -> dict:
         """This loader's node, address and process (the driver's placement table)."""
@@ -67,7 +66,7 @@ class LoaderWorker:
         if batch % self.loaders != self.loader:
             raise ValueError(f"batch {batch} belongs to loader {batch % self.loaders} of replica {self.replica}, "
                              f"not to loader {self.loader}")
-        if self.hang_at is not None and (split, epoch, batch) == ("train", *self.hang_at):
+        if split == "train" and faults.loader_hangs(self.replica, self.loader, epoch, batch):
             time.sleep(faults.HANG_S)
         reader = self.readers[split]
         decoded_before = reader.decoded

@@ -23,12 +23,12 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Iterable, Iterator
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector,
                                generate_latest, start_http_server)
 
 from cluster.ckpt import storage
+from cluster.rank.loader import LoadReport
 from cluster.telemetry.history import HistoryWriter, read_history
 from cluster.telemetry.progress import RATE_WINDOW, Progress, format_duration
 from cluster.telemetry.step import PHASES, StepSummary, Totals
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "alexnet"
 ACTOR_LABELS = ("replica", "stage", "tower")
-RESTART_CAUSES = ("actor_died", "collective_timeout", "collective_failed", "nonfinite_loss")
+RESTART_CAUSES = ("actor_died", "loader_timeout", "collective_timeout", "collective_failed", "nonfinite_loss")
 SNAPSHOT_FILE = "metrics.prom"  # the exporter's last values, in the text format, at the end of the run
 
 _STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 150.0)
@@ -50,9 +50,8 @@ class Metrics:
     def begin(self, step: int, epoch: int, resumed_from: str = "") -> None:
         """An attempt starts at `step` (0 or its checkpoint's), in 0-based `epoch`."""
 
-    def decoding(self, batches: Iterable) -> Iterable:
-        """`batches`, timed as they are decoded (for decoded images/s)."""
-        return batches
+    def loaded(self, reports: list[LoadReport]) -> None:
+        """The loaders made a batch for every replica (training or evaluation): their reports."""
 
     def step(self, summary: StepSummary, progress: Progress) -> None:
         """A step is done (cluster/telemetry/step.py); `progress` has the run's rate and ETA."""
@@ -126,10 +125,12 @@ class Exporter:
         self.val_loss = gauge("val_loss", "validation cross-entropy after the last epoch")
         self.val_error = gauge("val_error_ratio", "validation top-k error after the last epoch", ["k"])
         # data
-        self.decoded_images = counter("decoded_images", "training images decoded by the driver's reader")
-        self.decode_seconds = counter("decode_seconds", "seconds the reader spent decoding training batches")
-        self.decode_rate = gauge("decoded_images_per_second", f"training images decoded per second of "
-                                                              f"decoding, over the last {RATE_WINDOW} steps")
+        self.decoded_images = counter("decoded_images", "images the loader actors decoded (training and evaluation)")
+        self.decode_seconds = counter("decode_seconds", "seconds the loader actors spent making batches")
+        self.replica_data_wait = counter("replica_data_wait_seconds", "seconds the loop waited for each replica's "
+                                                                      "batch from its loaders", ["replica"])
+        self.decode_rate = gauge("decoded_images_per_second", f"images a loader decodes per second of its work, "
+                                                              f"over the last {RATE_WINDOW} steps")
         self.bad_samples = counter("bad_samples", "samples skipped as unreadable, by split and reason",
                                    ["split", "reason"])
         # checkpoints and restarts
@@ -225,7 +226,8 @@ class RunMetrics(Metrics):
             self.url = self.exporter.serve(*config.metrics_endpoint)
             print_fn(f"metrics: Prometheus metrics on {self.url}")
         self._bad_seen: dict = collections.Counter()
-        self._decoded = [0, 0.0]  # images, seconds (the prefetch thread adds)
+        self._decoded = [0, 0.0]  # images the loaders decoded, and their seconds making batches
+        self.decoded_by_loader: collections.Counter = collections.Counter()  # (replica, loader) → images
         self._lr = config.lr
         self._reset(0, 0)
 
@@ -246,22 +248,14 @@ class RunMetrics(Metrics):
             self.exporter.step.set(step)
             self.exporter.epoch.set(epoch + 1)
 
-    def decoding(self, batches: Iterable) -> Iterator:
-        it = iter(batches)
-        while True:
-            started = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            parts = batch.images if isinstance(batch.images, list) else [batch.images]  # one per replica
-            seconds, images = time.perf_counter() - started, sum(int(part.shape[0]) for part in parts)
-            self._decoded[0] += images
-            self._decoded[1] += seconds
+    def loaded(self, reports: list[LoadReport]) -> None:
+        for report in reports:
+            self.decoded_by_loader[(report.replica, report.loader)] += report.decoded
+            self._decoded[0] += report.decoded
+            self._decoded[1] += report.seconds
             if self.exporter:
-                self.exporter.decoded_images.inc(images)
-                self.exporter.decode_seconds.inc(seconds)
-            yield batch
+                self.exporter.decoded_images.inc(report.decoded)
+                self.exporter.decode_seconds.inc(report.seconds)
 
     def step(self, summary: StepSummary, progress: Progress) -> None:
         self._step, self._epoch, self._lr = summary.step, summary.epoch, summary.lr
@@ -285,6 +279,8 @@ class RunMetrics(Metrics):
         e.eta.set(progress.eta())
         e.step_duration.observe(summary.loop_seconds)
         e.data_wait.inc(summary.data_wait)
+        for replica, wait in enumerate(summary.replica_waits):
+            e.replica_data_wait.labels(str(replica)).inc(wait)
         e.bubble.set(summary.pipeline.bubble)
         e.train_loss.set(summary.loss)
         if summary.hits is not None and summary.images:

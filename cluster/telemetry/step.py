@@ -10,7 +10,7 @@ checkpoint stalls, printing) — splits into disjoint parts that stack:
     exchange       the cross-tower collectives
     pipeline_wait  waiting for a neighbouring stage (receives, the flush)
     allreduce      waiting for the replicas' gradient all-reduce after backward
-    data_wait      the driver waiting for the batch
+    data_wait      the driver waiting for the actor's replica's batch from its loaders
     other          the rest: optimizer step, input normalisation, dispatch, checkpoint stalls
 """
 
@@ -42,7 +42,8 @@ class StepSummary:
     images: int  # every replica's batch
     loss: float  # the global batch's mean cross-entropy (the replicas' mean)
     hits: tuple[float, float] | None  # top-1 and top-5 hits over the global batch, if reported
-    data_wait: float  # seconds the loop waited for the batch
+    data_wait: float  # seconds the loop waited for the batches (the slowest replica's)
+    replica_waits: list[float]  # each replica's
     loop_seconds: float  # see the module docstring
     exchange_share: float  # the largest share of an actor's step spent in the exchange
     pipeline: PipelineSummary  # window and bubble
@@ -50,18 +51,20 @@ class StepSummary:
     reports: list[StepReport]  # in rank order
 
     @classmethod
-    def reduce(cls, reports: list[StepReport], mesh: Mesh, *, step: int, epoch: int, lr: float, data_wait: float,
-               loop_seconds: float) -> "StepSummary":
+    def reduce(cls, reports: list[StepReport], mesh: Mesh, *, step: int, epoch: int, lr: float,
+               data_wait: list[float], loop_seconds: float) -> "StepSummary":
+        """`data_wait`: each replica's wait for its batch."""
         heads = [reports[rank] for rank in mesh.loss_ranks()]  # each replica's last stage, tower 0
         hits = None
         if all(r.top1 is not None for r in heads):
             hits = (sum(r.top1 for r in heads), sum(r.top5 for r in heads))
         return cls(step=step, epoch=epoch, lr=lr, images=sum(r.images for r in heads),
-                   loss=sum(r.loss for r in heads) / len(heads), hits=hits, data_wait=data_wait,
-                   loop_seconds=loop_seconds,
+                   loss=sum(r.loss for r in heads) / len(heads), hits=hits, data_wait=max(data_wait),
+                   replica_waits=list(data_wait), loop_seconds=loop_seconds,
                    exchange_share=max(r.exchange_s / max(r.seconds, 1e-9) for r in reports),
                    pipeline=step_summary(reports),
-                   phases={r.key: actor_phases(r, data_wait, loop_seconds) for r in reports}, reports=reports)
+                   phases={r.key: actor_phases(r, data_wait[r.replica], loop_seconds) for r in reports},
+                   reports=reports)
 
 
 @dataclasses.dataclass
@@ -77,6 +80,7 @@ class Totals:
     hits1: float = 0.0
     hits5: float = 0.0
     bubble_sum: float = 0.0
+    replica_waits: list = dataclasses.field(default_factory=list)  # per replica, data wait seconds
     actors: dict = dataclasses.field(default_factory=dict)  # ActorKey -> {phase: seconds}
 
     def add(self, step: StepSummary) -> None:
@@ -84,6 +88,9 @@ class Totals:
         self.images += step.images
         self.seconds += step.loop_seconds
         self.data_wait += step.data_wait
+        if not self.replica_waits:
+            self.replica_waits = [0.0] * len(step.replica_waits)
+        self.replica_waits = [total + wait for total, wait in zip(self.replica_waits, step.replica_waits)]
         self.loss_sum += step.loss
         self.bubble_sum += step.pipeline.bubble
         if step.hits is not None:
@@ -108,12 +115,17 @@ class Totals:
     def data_wait_fraction(self) -> float:
         return self.data_wait / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def replica_data_wait_fractions(self) -> list[float]:
+        return [wait / self.seconds if self.seconds > 0 else 0.0 for wait in self.replica_waits]
+
     def record(self) -> dict:
         """The history's fields for these steps: means per step, images/s, seconds per actor phase."""
         n = max(self.steps, 1)
         return {"steps": self.steps, "images": self.images, "seconds": self.seconds,
                 "loss": self.loss_sum / n, "top1_error": self.error(1), "top5_error": self.error(5),
                 "images_per_second": self.images_per_second, "data_wait_fraction": self.data_wait_fraction,
+                "replica_data_wait_fractions": self.replica_data_wait_fractions,
                 "bubble": self.bubble_sum / n,
                 "actors": [{"replica": key[0], "stage": key[1], "tower": key[2], **phases}
                            for key, phases in sorted(self.actors.items())]}

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     print(f"{args.rounds} round(s) of {args.steps} steps, {base.global_batch} images a step, {base.mesh.describe()}",
           flush=True)
     try:
-        with ray_session(base.address, base.mesh.world_size * base.threads_per_worker) as env:
+        with ray_session(base.address, base.cpus_wanted) as env:
             mesh = ActorMesh(base, env, readers={"train": train_data.reader, "val": val_data.reader})
             try:
                 for i in range(args.rounds):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from cluster.plan.mesh import Mesh
 from cluster.plan.schedule import SCHEDULES
+from cluster.rank.precision import PRECISIONS, REDUCE_DTYPES
 from stages.config import ModelConfig
 from stages.split import BALANCE, Split, format_split, resolve_split
 
@@ -40,6 +41,7 @@ FLOAT_RANGES = {
     "collective_timeout_s": (0.0, math.inf, False, False),
     "placement_timeout_s": (0.0, math.inf, False, False),
     "loader_timeout_s": (0.0, math.inf, False, False),
+    "loss_scale": (0.0, math.inf, False, False),
 }
 
 
@@ -64,7 +66,21 @@ class TrainConfig:
     resize: int = _opt(256, "shorter side the image is rescaled to, then centre-cropped square (256)")
     dropout: float = _opt(0.5, "dropout on fc6 and fc7 outputs; 0 turns it off")
     lrn_impl: str = _opt("fast", "`fast` (exact, hand-written backward) or `torch` (nn.LocalResponseNorm)")
-    channels_last: bool = _opt(True, "run convolutions in channels_last memory format")
+    channels_last: bool = _opt(True, "run convolutions in channels_last memory format (NHWC: what cuDNN's "
+                                      "tensor-core kernels and oneDNN read without a transpose)")
+
+    # --- precision and the GPU path (cluster/rank/precision.py)
+    precision: str = _opt("auto", "compute dtype of the forward passes: fp32, bf16 or fp16 (fp32 master weights "
+                                  "and momentum in every case; fp16 adds dynamic loss scaling); auto: bf16 on GPU "
+                                  "actors (tensor cores), fp32 on CPUs")
+    grad_reduce_dtype: str = _opt("fp32", "dtype of the replicas' gradient all-reduce: fp32, or bf16 (half the bytes "
+                                          "on the network; docs/SCALING.md)")
+    tf32: bool = _opt(False, "let fp32 matmuls and convolutions on GPUs use TF32 tensor cores (10-bit mantissa: "
+                             "off keeps fp32 runs fp32)")
+    cudnn_benchmark: bool = _opt(True, "let cuDNN time its convolution algorithms for each shape once and keep the "
+                                       "fastest (GPU actors; the shapes of a run do not change)")
+    loss_scale: float = _opt(2.0**16, "fp16: the initial loss scale (halved on an inf/NaN gradient)")
+    loss_scale_window: int = _opt(2000, "fp16: finite steps in a row after which the loss scale doubles")
 
     # --- mesh (cluster/plan/mesh.py)
     replicas: int = _opt(1, "data-parallel replicas of the two-tower network; each reads its own batch_size "
@@ -145,7 +161,8 @@ class TrainConfig:
     def __post_init__(self):
         self._check_floats()
         self._check_positive("num_classes", "image_size", "resize", "threads_per_worker", "loader_threads", "batch_size",
-                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step", "lr_batch", "prefetch")
+                             "microbatches", "epochs", "log_every", "lr_patience", "trace_step", "lr_batch", "prefetch",
+                             "loss_scale_window")
         self._check_non_negative("max_steps", "lr_max_drops", "checkpoint_every", "max_restarts", "keep_every",
                                  "loaders_per_replica")
         if self.loaders_per_replica > MAX_LOADERS:
@@ -156,7 +173,7 @@ class TrainConfig:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by microbatches "
                               f"{self.microbatches}: allowed microbatches are divisors of the batch")
         self._check_choice(schedule=SCHEDULES, lr_schedule=LR_SCHEDULES, lr_scaling=LR_SCALINGS,
-                           overlap_allreduce=OVERLAP_CHOICES)
+                           overlap_allreduce=OVERLAP_CHOICES, precision=PRECISIONS, grad_reduce_dtype=REDUCE_DTYPES)
         if self.eval_views not in (1, 10):
             raise ConfigError(f"eval_views must be 1 or 10, got {self.eval_views}")
         if self.resize < self.image_size:
@@ -255,6 +272,13 @@ class TrainConfig:
         if self.lr_scaling == "linear":
             return self.lr * self.global_batch / self.lr_batch
         return self.lr
+
+    @property
+    def cpus_wanted(self) -> int:
+        """CPUs of a local Ray for this run: every tower actor's threads, and each replica's loaders
+        (one per replica when --loaders-per-replica is 0, the CPU actors' auto)."""
+        loaders = self.replicas * max(self.loaders_per_replica, 1) * self.loader_threads
+        return self.mesh.world_size * self.threads_per_worker + loaders
 
     @property
     def microbatch_size(self) -> int:

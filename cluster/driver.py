@@ -151,6 +151,8 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: InputPlan, v
         readers = {"train": train_data.reader, "val": val_data.reader}
         workers = ActorMesh(config, env, wait_for_nodes=restarts > 0, readers=readers)  # a lost node may come back
         print(f"placement:\n{workers.placement_table()}", flush=True)
+        print(f"precision: {workers.precision}" + (" (--precision auto: bf16 on GPU actors, fp32 on CPUs)"
+                                                   if config.precision == "auto" else ""), flush=True)
         print(f"loaders: {workers.placement.loaders} per replica × {config.loader_threads} thread(s)"
               + ("" if config.loaders_per_replica else " (--loaders-per-replica 0: as many as the stage-0 node's spare "
                                                        "CPUs feed; 1 when the actors train on CPUs)"), flush=True)
@@ -217,9 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: metrics_addr {config.metrics_addr}: {err}", file=sys.stderr)
         return 2
-    cpus = config.mesh.world_size * config.threads_per_worker + config.replicas * max(
-        config.loaders_per_replica, 1) * config.loader_threads
-    with metrics, ray_session(config.address, cpus) as env:
+    decoded_before = decoded_in_process()  # this process's own decodes (a test may run several drivers)
+    with metrics, ray_session(config.address, config.cpus_wanted) as env:
         try:
             result = train_with_restarts(config, env, train_data, val_data, start, metrics)
         except ConfigError as err:
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result.images_per_second:.1f} img/s, data wait {100 * result.data_wait_fraction:.1f}% of step time; "
           f"checkpoint {result.checkpoint}", flush=True)
     by_loader = ", ".join(f"replica {r} loader {k} {n}" for (r, k), n in sorted(metrics.decoded_by_loader.items()))
-    print(f"decoded: {by_loader}; the driver {decoded_in_process()}", flush=True)
+    print(f"decoded: {by_loader}; the driver {decoded_in_process() - decoded_before}", flush=True)
     if config.report:
         from cluster.telemetry.plots import write_report  # matplotlib: imported only to draw (0.7 s)
 

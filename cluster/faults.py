@@ -15,6 +15,9 @@ would do. None is set in a normal run.
     ALEXNET_INJECT_HANG="RANK:STEP:MARKER"
         Tower actor RANK sleeps HANG_S seconds at the run's step STEP, once (while MARKER does not
         exist); its partners' collectives time out.
+    ALEXNET_INJECT_INF_GRAD="RANK:STEP" or "RANK:STEP:MARKER"
+        After backward at the run's step STEP, tower actor RANK puts an inf into one of its
+        gradients (fp16 loss scaling must then skip that step on every actor); with MARKER, once.
     ALEXNET_INJECT_LOADER_HANG="REPLICA:LOADER:EPOCH:BATCH:MARKER"
         Loader actor LOADER of replica REPLICA sleeps HANG_S seconds when asked for training batch
         BATCH of epoch EPOCH (0-based), once (while MARKER does not exist); the driver's wait for
@@ -32,6 +35,7 @@ FAILURE_ENV = "ALEXNET_INJECT_FAILURE"
 NAN_ENV = "ALEXNET_INJECT_NAN"
 HANG_ENV = "ALEXNET_INJECT_HANG"
 LOADER_HANG_ENV = "ALEXNET_INJECT_LOADER_HANG"
+INF_GRAD_ENV = "ALEXNET_INJECT_INF_GRAD"
 SLOW_WRITE_ENV = "ALEXNET_INJECT_SLOW_WRITE"
 HANG_S = 300.0  # how long an injected hang sleeps: longer than any test's collective timeout
 
@@ -65,6 +69,15 @@ def hang_at(rank: int, step: int) -> bool:
         return False
     hang_rank, hang_step, marker = spec.split(":", 2)
     return (rank, step) == (int(hang_rank), int(hang_step)) and _first_time(marker)
+
+
+def inf_gradient_at(rank: int, step: int) -> bool:
+    """Whether INF_GRAD_ENV asks tower actor `rank` for an inf gradient at the run's step `step`."""
+    spec = os.environ.get(INF_GRAD_ENV, "")
+    if not spec:
+        return False
+    inf_rank, inf_step, *marker = spec.split(":", 2)
+    return (rank, step) == (int(inf_rank), int(inf_step)) and _first_time(marker[0] if marker else "")
 
 
 def loader_hangs(replica: int, loader: int, epoch: int, batch: int) -> bool:

@@ -132,6 +132,7 @@ class _Loop:
         self.total = total_steps(config, train_data)
         self.progress = Progress(self.total, done=start.step)
         self.run = Totals()  # this attempt's steps, its first (warm-up) left out
+        self.skipped = 0  # fp16 steps of this attempt skipped for inf/NaN gradients
         self.saver = Checkpointer(config, workers, train_data, print_fn, metrics)
 
     def save(self, at: Position, final: bool = False) -> str:
@@ -142,6 +143,7 @@ class _Loop:
         """The step to the progress line, the metrics, and (at --trace-step) the pipeline timeline."""
         config = self.config
         self.progress.update(summary.images, summary.loop_seconds, summary.hits[0] if summary.hits else None)
+        self.skipped += summary.skipped
         if self.progress.attempt_steps > 1:  # the attempt's first step pays for warm-up
             self.run.add(summary)
         self.metrics.step(summary, self.progress)
@@ -152,6 +154,8 @@ class _Loop:
             extra = f" | exchange {100 * summary.exchange_share:.0f}%" if config.mesh.towers > 1 else ""
             if config.mesh.stages > 1:
                 extra += f" | bubble {100 * summary.pipeline.bubble:.0f}%"
+            if summary.loss_scale is not None:
+                extra += f" | loss scale {summary.loss_scale:g}, skipped {self.skipped}"
             extra += f" | data wait {100 * self.run.data_wait_fraction:.0f}%"
             if config.mesh.replicas > 1:
                 extra += " (" + ", ".join(f"r{r} {100 * share:.0f}%"

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data.normalize import MEAN_RGB, normalize_batch  # torch only: the actors import it from there
+
 try:  # the region-of-interest JPEG decoder (data/_jpegroi.c), built by `pip install -e .`
     from data import _jpegroi
 except ImportError:
@@ -61,8 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-MEAN_RGB: tuple[float, float, float] = (127.30, 119.72, 104.91)  # on 0–255 RGB (PAPER.md §Data)
 
 # PCA colour augmentation (PAPER.md §Data): RGB eigenvectors as columns, rows R, G, B.
 PCA_EIGENVECTORS = np.array([[-0.5675, 0.7192, 0.4009],
@@ -363,41 +363,3 @@ class TenViewTransform(_CropTransform):
         views = [square[top : top + self.crop, left : left + self.crop] for top, left in corners]
         views += [view[:, ::-1] for view in views]
         return torch.stack([_to_chw(view) for view in views])
-
-
-def normalize_batch(
-    images: torch.Tensor,
-    out: torch.Tensor | None = None,
-    *,
-    memory_format: torch.memory_format = torch.contiguous_format,
-    lighting: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Subtract :data:`MEAN_RGB`: (B, 3, H, W) uint8 → (B, 3, H, W) float32 on the same device.
-
-    The paper only subtracts the mean: there is no division by a standard deviation or by 255.
-    ``lighting`` (B, 3), when given, is each image's PCA colour offset
-    (:func:`pca_lighting_offset`), added in the same pass.
-    Writes into ``out`` when given (same shape, float32, same device; its memory format is
-    kept), else allocates with ``memory_format`` (e.g. ``torch.channels_last``).
-    """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"images must be a (B, 3, H, W) uint8 tensor, got {images.dtype} {tuple(images.shape)}"
-        )
-    if out is None:
-        out = torch.empty(
-            images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format
-        )
-    elif out.dtype != torch.float32 or out.shape != images.shape or out.device != images.device:
-        raise ValueError(
-            f"out must be float32 {tuple(images.shape)} on {images.device}, "
-            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
-        )
-    shift = -torch.tensor(MEAN_RGB, dtype=torch.float32).view(1, 3)  # (1, 3)
-    if lighting is not None:
-        if lighting.shape != (images.shape[0], 3):
-            raise ValueError(f"lighting must be ({images.shape[0]}, 3), got {tuple(lighting.shape)}")
-        shift = lighting.to(torch.float32) + shift  # (B, 3): one offset per image and channel
-    out.copy_(images)
-    out.add_(shift.to(images.device, non_blocking=True).view(-1, 3, 1, 1))  # one pass, not two
-    return out

@@ -12,11 +12,16 @@ n shifted adds, the denominator power for beta = 0.75 is `rsqrt(d) · sqrt(rsqrt
 backward is written by hand (the window is symmetric, so its transpose is itself):
 
     ∂L/∂a_c = g_c · d_c^-beta − (2·alpha·beta/n) · a_c · Σ_{j in window(c)} g_j · b_j / d_j
+
+In bf16 or fp16 (autocast) the input is taken up to fp32 and the output given back in the input's
+dtype: the power of a sum of squares is where half precision loses most.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_HALF = (torch.float16, torch.bfloat16)  # under autocast LRN still computes in fp32
 
 
 def _window_sum(x: Tensor, size: int, dim: int) -> Tensor:
@@ -70,6 +75,9 @@ class CrossMapLRN(nn.Module):
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in _HALF:  # mixed precision: the squares, sums and powers in fp32, the output as the input
+            with torch.autocast(x.device.type, enabled=False):
+                return _CrossMapLRN.apply(x.float(), self.size, self.alpha, self.beta, self.k).to(x.dtype)
         return _CrossMapLRN.apply(x, self.size, self.alpha, self.beta, self.k)
 
     def extra_repr(self) -> str:
@@ -90,6 +98,9 @@ class SpatialLRN(nn.Module):
         self.size, self.scale, self.power, self.k = size, scale, power, k
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype in _HALF:  # as CrossMapLRN: computed in fp32
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(x.float()).to(x.dtype)
         pad_lo = (self.size - 1) // 2
         pad_hi = self.size - 1 - pad_lo
         squares = F.pad(x * x, (pad_lo, pad_hi, pad_lo, pad_hi))

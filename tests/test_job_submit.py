@@ -16,7 +16,7 @@ from test_resume import shard_tensors
 
 @pytest.mark.timeout(400)
 def test_ray_job_submit_trains_on_a_running_cluster(tiny_demo):
-    with short_tmpdir("job") as tmp, own_head(tmp, num_cpus=2) as head:
+    with short_tmpdir("job") as tmp, own_head(tmp, num_cpus=3) as head:
         run_dir = tmp / "run"
         driver_args = ["--train-data", tiny_demo.train_pattern, "--val-data", tiny_demo.val_pattern,
                        "--num-classes", "10", "--image-size", "64", "--resize", "72", "--batch-size", "8",
@@ -36,7 +36,7 @@ def test_ray_job_submit_trains_on_a_running_cluster(tiny_demo):
 
 @pytest.mark.timeout(600)
 def test_a_stopped_job_submitted_again_goes_on_exactly(tiny_demo, shared_ray):
-    with short_tmpdir("stop") as tmp, own_head(tmp, num_cpus=2) as head:
+    with short_tmpdir("stop") as tmp, own_head(tmp, num_cpus=3) as head:
         args = ["--train-data", tiny_demo.train_pattern, "--val-data", tiny_demo.val_pattern, "--num-classes", "10",
                 "--image-size", "64", "--resize", "72", "--batch-size", "8", "--epochs", "2", "--max-steps", "12",
                 "--checkpoint-every", "2", "--log-every", "1"]

@@ -32,7 +32,7 @@ def job_args(demo, run_dir, *extra) -> list[str]:
     return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
             "--image-size", "64", "--resize", "72", "--batch-size", "4", "--replicas", "2", "--epochs", "2",
             "--max-steps", str(STEPS), "--checkpoint-every", "2", "--log-every", "1", "--run-dir", str(run_dir),
-            "--placement-timeout-s", "20", "--dropout", "0", *extra]
+            "--placement-timeout-s", "60", "--dropout", "0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -143,11 +143,11 @@ def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_
 def test_a_lost_worker_node_that_does_not_come_back_stops_the_run_clearly(tiny_demo):
     with short_tmpdir("ml") as tmp, own_head(tmp, num_cpus=0, extra_env=FAST_HEALTH_CHECKS) as head, \
             worker_node(head, tmp, "node_a"), worker_node(head, tmp, "node_b") as node_b:
-        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--placement-timeout-s", "8"), tmp / "driver.log")
+        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--placement-timeout-s", "20"), tmp / "driver.log")
         wait_for(tmp / "run" / "checkpoint-00000002" / checkpoint.MANIFEST, proc)
         node_b.kill_raylet()
         proc.wait(timeout=300)
         out = (tmp / "driver.log").read_text()
     assert proc.returncode == 1, out[-4000:]
-    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 3\} on one node .* \(waited 8 s\)",
+    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 3\} on one node .* \(waited 20 s\)",
                      out), out[-4000:]

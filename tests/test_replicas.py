@@ -89,7 +89,7 @@ def test_probe_gives_the_global_batch_gradient_and_placement_is_reported(meshes)
         for name, grad in reports[rank].grads.items():
             assert_rel_close(grad, first["grads"][name], f"rank {rank} gradient {name}")
     table = workers.placement_table().splitlines()
-    assert table[0].split() == ["rank", "replica", "stage", "tower", "node", "address", "GPU", "pid"]
+    assert table[0].split() == ["rank", "replica", "stage", "tower", "node", "address", "GPU", "CPUs", "pid"]
     assert [line.split()[:4] for line in table[1:]] == [["0", "0", "0", "0"], ["1", "0", "0", "1"],
                                                         ["2", "1", "0", "0"], ["3", "1", "0", "1"]]
     assert all(line.split()[5] == localnet.LOOPBACK for line in table[1:])

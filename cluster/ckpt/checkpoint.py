@@ -25,6 +25,7 @@ MANIFEST = "manifest.json"
 KEY_STEP, KEY_EPOCH, KEY_CONFIG, KEY_MESH, KEY_SHARDS = "step", "epoch", "config", "mesh", "shards"
 SHARD_MODEL, SHARD_OPTIMIZER, SHARD_COORD = "model", "optimizer", "coord"  # keys inside a rank's shard
 SHARD_RNG = "rng"  # the rank's torch RNG state (dropout masks)
+SHARD_SCALER = "loss_scaler"  # an fp16 run's loss scale (cluster/rank/precision.py)
 KEY_LOADER = "loader"  # the training reader's position: resuming continues with the next sample
 KEY_TRAINER = "trainer"  # the loop's own state: lr schedule, the epoch's running loss
 # Fields a checkpoint's weights depend on: resuming with any other value is refused.

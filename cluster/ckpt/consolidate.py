@@ -22,7 +22,7 @@ from torch import nn
 
 from cluster.ckpt import checkpoint, storage
 from cluster.ckpt.checkpoint import CheckpointError
-from data.transforms import MEAN_RGB
+from data.normalize import MEAN_RGB
 from stages.config import ModelConfig
 from stages.grouped import grouped_from_state, reference_from_grouped, to_grouped
 from stages.reference import TwoTowerAlexNet
@@ -167,7 +167,7 @@ def export(source: str, out: str, layout: str = "grouped") -> dict:
         "step": manifest[checkpoint.KEY_STEP],
         "epoch": manifest.get(checkpoint.KEY_EPOCH),
         "input": f"(b, 3, {cfg.image_size}, {cfg.image_size}) float32 RGB on the 0-255 scale minus the channel "
-                 f"means {list(MEAN_RGB)} (data.transforms.normalize_batch); no other scaling",
+                 f"means {list(MEAN_RGB)} (data.normalize.normalize_batch); no other scaling",
         "parameters": sum(t.numel() for t in state.values()),
         "tensors": {name: list(t.shape) for name, t in state.items()},
     }

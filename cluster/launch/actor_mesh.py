@@ -19,6 +19,7 @@ from cluster.rank.pipeline import StepPlan
 from cluster.launch.loaders import FedBatch, LoaderPool
 from cluster.launch.placement_groups import place, release
 from cluster.plan.placement import PlacementError, format_placement
+from cluster.rank.precision import resolve
 from cluster.rank.report import EvalScores, ProbeReport, StepReport
 from cluster.rank.worker import TowerWorker
 from data.loader import ShardBatches
@@ -42,6 +43,7 @@ class ActorMesh:
         self.placement = place(config, readers is not None, wait_for_nodes)
         self.groups = self.placement.groups
         self.uses_gpu = "GPU" in self.placement.per_actor
+        self.precision = resolve(config.precision, "cuda" if self.uses_gpu else "cpu")  # what the actors compute in
         self.actors, self.loaders = [], None
         try:
             self._start(self.placement.per_actor, dict(env_vars or {}), readers)

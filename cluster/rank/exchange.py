@@ -19,7 +19,8 @@ _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.redu
 
 
 class ExchangeStats:
-    """Seconds spent inside the exchange's collectives and bytes this rank sent, since `reset`."""
+    """Seconds spent inside the exchange's collectives, bytes this rank sent and their dtypes, since
+    `reset` (in bf16 or fp16 the activations and their gradients travel in the compute dtype)."""
 
     def __init__(self):
         self.reset()
@@ -27,10 +28,12 @@ class ExchangeStats:
     def reset(self) -> None:
         self.seconds = 0.0
         self.bytes_sent = 0
+        self.dtypes: set[str] = set()
 
     def add(self, seconds: float, tensor: Tensor, peers: int) -> None:
         self.seconds += seconds
         self.bytes_sent += tensor.numel() * tensor.element_size() * peers
+        self.dtypes.add(str(tensor.dtype).removeprefix("torch."))
 
 
 class _GatherTowers(torch.autograd.Function):

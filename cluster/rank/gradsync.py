@@ -37,8 +37,10 @@ class GradientSync:
     """Averages the gradients of `parameters` over `group` (the replicas of this stage and tower)."""
 
     def __init__(self, parameters, group, replicas: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 overlap: bool = True):
-        self.group, self.replicas, self.overlap = group, replicas, overlap
+                 overlap: bool = True, reduce_dtype: torch.dtype = torch.float32):
+        """`reduce_dtype`: what the buckets travel as (--grad-reduce-dtype): fp32, or bf16 for
+        half the bytes; the averages are written back into the fp32 gradients."""
+        self.group, self.replicas, self.overlap, self.reduce_dtype = group, replicas, overlap, reduce_dtype
         params = [p for p in parameters if p.requires_grad]
         layout = bucket_layout([p.numel() * p.element_size() for p in params], bucket_bytes)
         self.buckets = [_Bucket([params[i] for i in indices]) for indices in layout]
@@ -74,7 +76,7 @@ class GradientSync:
     def _launch(self, bucket: _Bucket) -> None:
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device)
                  for p in bucket.params]
-        bucket.buffer = torch.cat(grads)
+        bucket.buffer = torch.cat(grads).to(self.reduce_dtype)
         bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
         self.bytes += bucket.buffer.numel() * bucket.buffer.element_size()
 
@@ -87,7 +89,7 @@ class GradientSync:
             self._next += 1
         for bucket in self.buckets:
             bucket.work.wait()
-            bucket.buffer.div_(self.replicas)
+            bucket.buffer = bucket.buffer.float().div_(self.replicas)
             offset = 0
             for p in bucket.params:
                 flat = bucket.buffer[offset:offset + p.numel()].view(p.shape)

@@ -110,15 +110,15 @@ class Receiver:
     posted ahead of the one being consumed."""
 
     def __init__(self, link: Link, shape: tuple[int, ...], count: int, timeline: Timeline, kind: str,
-                 device: torch.device, offset: int):
-        self.link, self.shape, self.count = link, shape, count
+                 device: torch.device, offset: int, dtype: torch.dtype):
+        self.link, self.shape, self.count, self.dtype = link, shape, count, dtype
         self.timeline, self.kind, self.device, self.offset = timeline, kind, device, offset
         self._posted: dict[int, tuple] = {}
         self._post(0)
 
     def _post(self, microbatch: int) -> None:
         if microbatch < self.count and microbatch not in self._posted:
-            buffer = torch.empty(self.shape, device=self.device)
+            buffer = torch.empty(self.shape, device=self.device, dtype=self.dtype)
             self._posted[microbatch] = (buffer, self.link.recv(buffer, self.offset + microbatch))
 
     def take(self, microbatch: int) -> Tensor:
@@ -139,17 +139,20 @@ class StageRun:
     backpropagate (the microbatch's share of the loss)."""
 
     def __init__(self, plan: StepPlan, links: StageLinks, in_shape: tuple[int, ...] | None,
-                 out_shape: tuple[int, ...] | None, device: torch.device, memory_format, parameters):
+                 out_shape: tuple[int, ...] | None, device: torch.device, memory_format, parameters,
+                 dtype: torch.dtype = torch.float32):
+        """`dtype`: what crosses the stage boundaries, the compute dtype (cluster/rank/precision.py)."""
         self.plan, self.links, self.device, self.memory_format = plan, links, device, memory_format
         self.timeline = Timeline()
         self.meter = ActivationMeter(parameters)
         self.training = plan.mode != "eval"
         m = plan.microbatches
         # Tags: activations use 0..M−1, gradients M..2M−1, so no receive can take the other's data.
-        self._activations = (Receiver(links.activations_in, in_shape, m, self.timeline, "recv", device, 0)
+        self._activations = (Receiver(links.activations_in, in_shape, m, self.timeline, "recv", device, 0, dtype)
                              if links.activations_in else None)
-        self._gradients = (Receiver(links.gradients_in, out_shape, m, self.timeline, "recv grad", device, m)
+        self._gradients = (Receiver(links.gradients_in, out_shape, m, self.timeline, "recv grad", device, m, dtype)
                            if links.gradients_in and self.training else None)
+        self.sent_dtypes: set[str] = set()
         self._sends: list = []
         self._held: dict[int, tuple[Tensor | None, Tensor]] = {}
 
@@ -201,6 +204,7 @@ class StageRun:
             self._send(self.links.gradients_out, x.grad, i + self.plan.microbatches, "send grad")
 
     def _send(self, link: Link, tensor: Tensor, tag: int, kind: str) -> None:
+        self.sent_dtypes.add(str(tensor.dtype).removeprefix("torch."))
         start = time.time()
         self._sends.append(link.send(tensor.contiguous(), tag))
         self.timeline.add(kind, tag % self.plan.microbatches, start)
@@ -209,4 +213,5 @@ class StageRun:
         """This step's timeline in StepReport's fields (cluster/rank/report.py)."""
         return {"events": list(self.timeline.events), "started": self.started, "finished": self.finished,
                 "compute_s": self.timeline.total("F", "B"), "wait_s": self.timeline.total("recv", "recv grad", "flush"),
-                "peak_in_flight": self.meter.peak_count, "peak_activation_bytes": self.meter.peak_bytes}
+                "peak_in_flight": self.meter.peak_count, "peak_activation_bytes": self.meter.peak_bytes,
+                "sent_dtypes": sorted(self.sent_dtypes)}

@@ -28,6 +28,11 @@ class StepReport:
     wait_s: float  # waiting for a neighbouring stage: receives and the flush
     exchange_s: float  # inside the cross-tower collectives
     exchange_bytes: int  # sent in them
+    exchange_dtypes: list[str] = dataclasses.field(default_factory=list)  # of the activations and their gradients
+    precision: str = "fp32"  # the compute dtype of this actor's forwards (cluster/rank/precision.py)
+    sent_dtypes: list[str] = dataclasses.field(default_factory=list)  # of what it sent to the next/previous stage
+    skipped: bool = False  # fp16: this step's gradients were not finite and no weight changed
+    loss_scale: float | None = None  # fp16: the loss scale after this step
     allreduce_exposed_s: float = 0.0  # waiting for the replicas' gradient all-reduce after backward
     allreduce_bytes: int = 0
     peak_in_flight: int = 0  # most microbatches whose activations were held at once

@@ -6,7 +6,17 @@ with towers = 1, of both towers (`TwoTowerAlexNet` restricted to those layers, e
 locally). Each step the driver hands it a `StepPlan`; it runs its stage's schedule over the
 microbatches (cluster/rank/pipeline.py), stage 0 reading the images and the last stage the labels, and
 steps its optimizer after the flush. The driver wraps this class as a Ray actor; nothing here
-imports Ray, so tests can also drive it in-process.
+imports Ray, so tests can also drive it in-process. Checkpoint I/O (cluster/ckpt/, which needs
+pyarrow) is imported where a checkpoint is written or read, so that bench/gpu_check.py can drive a
+worker where only PyTorch is installed.
+
+Precision (cluster/rank/precision.py): each stage's forward runs under autocast in the compute
+dtype, the loss in fp32, the weights and momentum stay fp32; fp16 scales the loss.
+
+GPU (each actor sees the one GPU Ray assigned it, as cuda:0, through CUDA_VISIBLE_DEVICES):
+cuDNN's algorithm search (--cudnn-benchmark), the TF32 policy (--tf32), channels_last, pinned
+host buffers and a copy stream for the input (cluster/rank/staging.py), and no host
+synchronisation in the step but the one read of the loss at its end.
 """
 
 import concurrent.futures
@@ -20,17 +30,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cluster.ckpt import checkpoint, reach, storage
-from cluster.rank import rendezvous
 from cluster import faults
 from cluster.config import TrainConfig
+from cluster.plan.schedule import forward_actions, stage_actions
+from cluster.rank import rendezvous
 from cluster.rank.exchange import ExchangeStats, TowerExchange
 from cluster.rank.gradsync import GradientSync
 from cluster.rank.pipeline import Link, StageLinks, StageRun, StepPlan
+from cluster.rank.precision import DTYPES, LossScaler, Precision, resolve
 from cluster.rank.procstats import process_stats
 from cluster.rank.report import EvalScores, ProbeReport, StepReport
-from cluster.plan.schedule import forward_actions, stage_actions
-from data.transforms import normalize_batch
+from cluster.rank.staging import PinnedBuffer, StagedBatch
 from stages.loss import (local_exchange, sharded_cross_entropy, sharded_target_value, sharded_topk_correct,
                          sharded_view_average, tower_loss)
 from stages.config import TOWERS
@@ -56,7 +66,15 @@ class TowerWorker:
         self.coord = self.mesh.coord(rank)
         self.identity = {"rank": rank, **dataclasses.asdict(self.coord)}  # replica, stage, tower
         torch.set_num_threads(config.threads_per_worker)
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned this actor: it is cuda:0 here
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = config.cudnn_benchmark
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
+        self.precision = Precision(resolve(config.precision, self.device.type), self.device)
+        self.scaler = LossScaler(config.loss_scale, config.loss_scale_window) if self.precision.name == "fp16" else None
+        self.pinned = PinnedBuffer()
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.layers = config.split[self.coord.stage]
         self.first_stage = self.coord.stage == 0
@@ -64,8 +82,8 @@ class TowerWorker:
         model_cfg = config.model_config
         self.class_offset = model_cfg.class_offsets[self.coord.tower] if self.mesh.towers == 2 else 0
         self.reference_prefix = f"towers.{self.coord.tower}." if self.mesh.towers == 2 else ""
-        self.exchange = local_exchange
-        self.exchange_stats = ExchangeStats()
+        self.exchange = self.loss_exchange = local_exchange  # activations; the sharded loss's fp32 values
+        self.exchange_stats = self.loss_stats = ExchangeStats()
         self.links = StageLinks()
         self.replica_group = None  # the replicas of this (stage, tower), which average gradients
         self.sync: GradientSync | None = None
@@ -96,7 +114,8 @@ class TowerWorker:
         if self.replica_group is not None:
             self.sync = GradientSync(self.model.parameters(), self.replica_group, self.mesh.replicas,
                                      bucket_bytes=int(self.config.bucket_mb * 2**20),
-                                     overlap=self._overlap_allreduce())
+                                     overlap=self._overlap_allreduce(),
+                                     reduce_dtype=DTYPES[self.config.grad_reduce_dtype])
 
     def _overlap_allreduce(self) -> bool:
         """--overlap-allreduce: `auto` overlaps on GPUs only (bench/scaling.py, docs/BENCHMARKS.md)."""
@@ -136,7 +155,8 @@ class TowerWorker:
             group = dist.new_group(ranks, timeout=timeout)
             if self.rank in ranks and self.mesh.towers > 1:
                 self.exchange = TowerExchange(group, self.mesh.towers)
-                self.exchange_stats = self.exchange.stats
+                self.loss_exchange = TowerExchange(group, self.mesh.towers)  # its own stats: fp32 scores
+                self.exchange_stats, self.loss_stats = self.exchange.stats, self.loss_exchange.stats
         for sender, receiver in self.mesh.stage_links():
             activations = dist.new_group([sender, receiver], timeout=timeout)
             gradients = dist.new_group([sender, receiver], timeout=timeout)
@@ -172,7 +192,7 @@ class TowerWorker:
             out_shape = boundary_shape(self.config.model_config, self.config.split, self.coord.stage,
                                        plan.rows, towers_here)
         run = StageRun(plan, self.links, in_shape, out_shape, self.device, self.memory_format,
-                       list(self.model.parameters()))
+                       list(self.model.parameters()), dtype=self.precision.dtype)
         if plan.mode == "eval":
             actions = forward_actions(m)
         else:
@@ -181,21 +201,16 @@ class TowerWorker:
         return run
 
     def _stage_forward(self, x: Tensor) -> Tensor:
-        if self.mesh.towers == 2:
-            return self.model(x, self.exchange)
-        return self.model(x)
+        """This stage's layers in the compute dtype (autocast); a last stage's logits come out in
+        fp32, for the loss."""
+        with self.precision.autocast():
+            out = self.model(x, self.exchange) if self.mesh.towers == 2 else self.model(x)
+        return out.float() if self.last_stage else out
 
     def _images(self, images: Tensor, lighting: Tensor | None, rows: int):
         """Stage 0's input of microbatch i: uint8 images, mean-subtracted with each image's PCA
-        colour offset, as float32 in the configured memory format."""
-        chunks = images.split(rows)
-        shifts = lighting.split(rows) if lighting is not None else [None] * len(chunks)
-
-        def microbatch(i: int) -> Tensor:
-            return normalize_batch(chunks[i].to(self.device, non_blocking=True),
-                                   memory_format=self.memory_format, lighting=shifts[i])
-
-        return microbatch
+        colour offset, as float32 on the device (cluster/rank/staging.py)."""
+        return StagedBatch(images, lighting, rows, self.device, self.memory_format, self.pinned).get
 
     def _check_labels(self, labels: Tensor) -> None:
         classes = self.config.num_classes
@@ -221,20 +236,26 @@ class TowerWorker:
             out = self._stage_forward(read_images(i) if x is None else x)
             if not self.last_stage:
                 return out
-            loss = sharded_cross_entropy(out, targets[i], self.class_offset, self.exchange)
+            loss = sharded_cross_entropy(out, targets[i], self.class_offset, self.loss_exchange)
             if self.coord.tower == 0 and faults.nan_at(plan.step):  # the rank that reports the loss
                 loss = loss * float("nan")
-            losses.append(loss.item())
+            losses.append(loss.detach())
             logits.append(out.detach())
             # every microbatch is the same size: the batch loss is their mean
-            return tower_loss(loss, self.mesh.towers) / plan.microbatches
+            share = tower_loss(loss, self.mesh.towers) / plan.microbatches
+            return self.scaler.scale_loss(share) if self.scaler is not None else share
 
         run = self._run(plan, forward)
         if self.sync is not None:
             sync_start = time.time()
             self.sync.finish()
             run.timeline.add("allreduce", -1, sync_start)
-        return run, sum(losses) / plan.microbatches if losses else float("nan"), logits
+        if faults.inf_gradient_at(self.rank, plan.step):
+            grad = next(p for p in self.model.parameters() if p.grad is not None).grad
+            grad[(0,) * grad.dim()] = float("inf")
+        # the one host synchronisation of the step: the loss is read once, at its end
+        loss = float(torch.stack(losses).sum()) / plan.microbatches if losses else float("nan")
+        return run, loss, logits
 
     def train_step(self, plan: StepPlan, images: Tensor | None = None, labels: Tensor | None = None,
                    lighting: Tensor | None = None) -> StepReport:
@@ -247,20 +268,29 @@ class TowerWorker:
         if faults.hang_at(self.rank, plan.step):
             time.sleep(faults.HANG_S)
         self.exchange_stats.reset()
+        self.loss_stats.reset()
         set_lr(self.optimizer, plan.lr)
         run, loss, logits = self._gradients(plan, images, labels, lighting)
         optimizer_start = time.time()
-        self.optimizer.step()
+        finite = True
+        if self.scaler is not None:  # every rank agrees whether this step's gradients are finite
+            finite = self.scaler.unscale(list(self.model.parameters()))
+            self.scaler.update(finite)
+        if finite:
+            self.optimizer.step()
         run.timeline.add("optimizer", -1, optimizer_start)
         report = StepReport(**self.identity, images=plan.rows * plan.microbatches, seconds=time.perf_counter() - start,
-                            exchange_s=self.exchange_stats.seconds, exchange_bytes=self.exchange_stats.bytes_sent,
+                            exchange_s=self.exchange_stats.seconds + self.loss_stats.seconds,
+                            exchange_bytes=self.exchange_stats.bytes_sent + self.loss_stats.bytes_sent,
+                            exchange_dtypes=sorted(self.exchange_stats.dtypes), precision=self.precision.name,
+                            skipped=not finite, loss_scale=self.scaler.scale if self.scaler is not None else None,
                             **run.totals(), **process_stats(self.device))
         if self.sync is not None:
             report.allreduce_exposed_s, report.allreduce_bytes = self.sync.exposed_s, self.sync.bytes
         if self.last_stage:  # the batch's top-1/top-5 hits for progress and metrics (no gradient, no RNG)
             report.loss = loss
             report.top1, report.top5 = sharded_topk_correct(torch.cat(logits), labels.to(self.device),
-                                                            self.class_offset, self.exchange)
+                                                            self.class_offset, self.loss_exchange)
         return report
 
     @torch.no_grad()
@@ -286,9 +316,9 @@ class TowerWorker:
         def forward(i: int, x: Tensor | None) -> Tensor:
             out = self._stage_forward(read_images(i) if x is None else x)
             if self.last_stage:
-                log_probs = sharded_view_average(out, views, self.exchange)  # (b, classes held here)
-                losses = -sharded_target_value(log_probs, targets[i], self.class_offset, self.exchange)
-                top1, top5 = sharded_topk_correct(log_probs, targets[i], self.class_offset, self.exchange,
+                log_probs = sharded_view_average(out, views, self.loss_exchange)  # (b, classes held here)
+                losses = -sharded_target_value(log_probs, targets[i], self.class_offset, self.loss_exchange)
+                top1, top5 = sharded_topk_correct(log_probs, targets[i], self.class_offset, self.loss_exchange,
                                                   (1, 5), row_weights[i])
                 scores.append(EvalScores(float((losses * row_weights[i]).sum()), top1, top5,
                                          float(row_weights[i].sum())))
@@ -305,7 +335,8 @@ class TowerWorker:
         gradients, without an optimizer step, named as in the reference network
         (`towers.{t}.layers...`)."""
         _, loss, logits = self._gradients(plan, images, labels, lighting)
-        grads = {self.reference_prefix + name: p.grad.detach().cpu().clone()
+        scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: the gradients of the loss itself
+        grads = {self.reference_prefix + name: p.grad.detach().cpu() / scale
                  for name, p in self.model.named_parameters()}
         self.optimizer.zero_grad(set_to_none=True)
         return ProbeReport(**self.identity, loss=loss if self.last_stage else None,
@@ -315,10 +346,12 @@ class TowerWorker:
         return {self.reference_prefix + name: p.detach().cpu().clone()
                 for name, p in self.model.named_parameters()}
 
-    def check_storage(self, run_dir: str, token: str) -> reach.Answer:
+    def check_storage(self, run_dir: str, token: str):
         """This actor's side of the run-dir check (cluster/ckpt/reach.py): it must read the driver's
         token in `run_dir` (a path or a URI, opened with this process's own credentials) and leave
-        it back in a file of its own."""
+        it back in a file of its own. Its `Answer`."""
+        from cluster.ckpt import reach
+
         return reach.answer(run_dir, token, self.rank)
 
     def save(self, directory: str, asynchronous: bool = False) -> dict | None:
@@ -327,9 +360,13 @@ class TowerWorker:
         (the only stall) and write it in a thread while training goes on; `finish_save` returns
         the entry. Replicas other than 0 write only their coordinates and RNG state: their
         weights and momentum are replica 0's."""
+        from cluster.ckpt import checkpoint, storage
+
         self.finish_save()  # one write at a time
         state = {checkpoint.SHARD_COORD: [self.coord.replica, self.coord.stage, self.coord.tower],
                  checkpoint.SHARD_RNG: torch.get_rng_state()}
+        if self.scaler is not None:
+            state[checkpoint.SHARD_SCALER] = self.scaler.state_dict()
         if self.coord.replica == 0:  # the other replicas hold the same weights and momentum
             state.update({checkpoint.SHARD_MODEL: self.model.state_dict(),
                           checkpoint.SHARD_OPTIMIZER: self.optimizer.state_dict()})
@@ -356,6 +393,8 @@ class TowerWorker:
                 self.optimizer.state[param]["velocity"] = momentum[name].to(param.device, param.dtype).clone()
 
     def load(self, directory: str) -> None:
+        from cluster.ckpt import checkpoint
+
         state = checkpoint.load_shard(directory, checkpoint.shard_file(self.rank), map_location=self.device)
         coord = [self.coord.replica, self.coord.stage, self.coord.tower]
         if list(state[checkpoint.SHARD_COORD]) != coord:
@@ -369,3 +408,5 @@ class TowerWorker:
         self.model.load_state_dict(weights[checkpoint.SHARD_MODEL])
         self.optimizer.load_state_dict(weights[checkpoint.SHARD_OPTIMIZER])
         torch.set_rng_state(state[checkpoint.SHARD_RNG].cpu())  # the same dropout masks from here on
+        if self.scaler is not None and checkpoint.SHARD_SCALER in state:  # an fp16 run's loss scale goes on
+            self.scaler.load_state_dict(state[checkpoint.SHARD_SCALER])

@@ -121,6 +121,9 @@ class Exporter:
                                             "compute, mean over actors (cluster/telemetry/timeline.py)")
         # learning
         self.train_loss = gauge("train_loss", "cross-entropy of the last step's batch")
+        self.skipped_steps = counter("skipped_steps", "fp16 steps skipped because a gradient was inf or NaN (the "
+                                                      "loss scale halves)")
+        self.loss_scale = gauge("loss_scale", "fp16: the loss scale after the last step")
         self.train_error = gauge("train_error_ratio", "top-k error of the last step's batch", ["k"])
         self.val_loss = gauge("val_loss", "validation cross-entropy after the last epoch")
         self.val_error = gauge("val_error_ratio", "validation top-k error after the last epoch", ["k"])
@@ -283,6 +286,9 @@ class RunMetrics(Metrics):
             e.replica_data_wait.labels(str(replica)).inc(wait)
         e.bubble.set(summary.pipeline.bubble)
         e.train_loss.set(summary.loss)
+        e.skipped_steps.inc(int(summary.skipped))
+        if summary.loss_scale is not None:
+            e.loss_scale.set(summary.loss_scale)
         if summary.hits is not None and summary.images:
             e.train_error.labels("1").set(1.0 - summary.hits[0] / summary.images)
             e.train_error.labels("5").set(1.0 - summary.hits[1] / summary.images)

@@ -46,6 +46,8 @@ class StepSummary:
     replica_waits: list[float]  # each replica's
     loop_seconds: float  # see the module docstring
     exchange_share: float  # the largest share of an actor's step spent in the exchange
+    skipped: bool  # fp16: the step's gradients were not finite, no weight changed
+    loss_scale: float | None  # fp16: the loss scale after the step
     pipeline: PipelineSummary  # window and bubble
     phases: dict[ActorKey, dict[str, float]]
     reports: list[StepReport]  # in rank order
@@ -62,6 +64,7 @@ class StepSummary:
                    loss=sum(r.loss for r in heads) / len(heads), hits=hits, data_wait=max(data_wait),
                    replica_waits=list(data_wait), loop_seconds=loop_seconds,
                    exchange_share=max(r.exchange_s / max(r.seconds, 1e-9) for r in reports),
+                   skipped=any(r.skipped for r in reports), loss_scale=reports[0].loss_scale,
                    pipeline=step_summary(reports),
                    phases={r.key: actor_phases(r, data_wait[r.replica], loop_seconds) for r in reports},
                    reports=reports)
@@ -80,6 +83,7 @@ class Totals:
     hits1: float = 0.0
     hits5: float = 0.0
     bubble_sum: float = 0.0
+    skipped: int = 0  # fp16 steps skipped for inf/NaN gradients
     replica_waits: list = dataclasses.field(default_factory=list)  # per replica, data wait seconds
     actors: dict = dataclasses.field(default_factory=dict)  # ActorKey -> {phase: seconds}
 
@@ -93,6 +97,7 @@ class Totals:
         self.replica_waits = [total + wait for total, wait in zip(self.replica_waits, step.replica_waits)]
         self.loss_sum += step.loss
         self.bubble_sum += step.pipeline.bubble
+        self.skipped += step.skipped
         if step.hits is not None:
             self.scored += step.images
             self.hits1 += step.hits[0]
@@ -126,6 +131,6 @@ class Totals:
                 "loss": self.loss_sum / n, "top1_error": self.error(1), "top5_error": self.error(5),
                 "images_per_second": self.images_per_second, "data_wait_fraction": self.data_wait_fraction,
                 "replica_data_wait_fractions": self.replica_data_wait_fractions,
-                "bubble": self.bubble_sum / n,
+                "bubble": self.bubble_sum / n, "skipped": self.skipped,
                 "actors": [{"replica": key[0], "stage": key[1], "tower": key[2], **phases}
                            for key, phases in sorted(self.actors.items())]}

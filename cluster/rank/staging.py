@@ -1,0 +1,93 @@
+"""Stage 0's input: the step's uint8 batch onto the actor's device, microbatch by microbatch, and
+normalised there (mean subtracted, PCA colour offset added: data/normalize.py) as float32.
+
+On a GPU the batch is first copied into a pinned host buffer kept from step to step, and each
+microbatch then goes to the device with a non-blocking copy on a stream of its own: while
+microbatch i computes, microbatch i + 1 is already crossing PCIe, so the copy overlaps the step.
+The compute stream waits on the copy's event, not the host, so the step has no host
+synchronisation here. A batch that is already on the device (bench/gpu_check.py's device-resident
+data) is used as it is.
+
+On a CPU the microbatch is normalised into a contiguous float buffer and converted to the
+configured memory format afterwards: normalising straight into a channels_last buffer was about 5×
+slower (docs/BENCHMARKS.md).
+"""
+
+import torch
+from torch import Tensor
+
+from data.normalize import normalize_batch
+
+
+class StagedBatch:
+    """`get(i)`: microbatch i of `images` (B, 3, h, w) uint8 in rows of `rows`, ready for stage 0."""
+
+    def __init__(self, images: Tensor, lighting: Tensor | None, rows: int, device: torch.device,
+                 memory_format: torch.memory_format, pinned: "PinnedBuffer | None" = None):
+        self.device, self.memory_format = device, memory_format
+        self.count = images.shape[0] // rows
+        self.cuda = device.type == "cuda"
+        self.pinned = pinned if self.cuda and images.device.type != "cuda" else None
+        if self.pinned is not None:
+            images = self.pinned.hold(images)
+        self.chunks = images.split(rows)
+        self.shifts = lighting.split(rows) if lighting is not None else [None] * len(self.chunks)
+        self._copies: dict[int, tuple[Tensor, torch.cuda.Event | None]] = {}
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+        if self.cuda:
+            self._start(0)
+
+    def _start(self, i: int) -> None:
+        """Begin microbatch i's host-to-device copy on the copy stream."""
+        if i >= self.count or i in self._copies:
+            return
+        chunk = self.chunks[i]
+        if chunk.device == self.device:
+            self._copies[i] = (chunk, None)
+            return
+        with torch.cuda.stream(self._stream):
+            on_device = chunk.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        self._copies[i] = (on_device, done)
+        if self.pinned is not None and i == self.count - 1:
+            self.pinned.in_use_until(done)  # the next step's batch must not overwrite it before
+
+    def get(self, i: int) -> Tensor:
+        if not self.cuda:
+            x = normalize_batch(self.chunks[i], lighting=self.shifts[i])
+            return x.contiguous(memory_format=self.memory_format)
+        self._start(i)
+        on_device, done = self._copies.pop(i)
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+            on_device.record_stream(torch.cuda.current_stream(self.device))  # made on the copy stream
+        self._start(i + 1)  # the next microbatch crosses while this one computes
+        shift = self.shifts[i]
+        if shift is not None:
+            shift = shift.to(self.device, non_blocking=True)
+        return normalize_batch(on_device, memory_format=self.memory_format, lighting=shift)
+
+
+class PinnedBuffer:
+    """A page-locked host buffer, grown as needed and kept between steps: a copy from it to the
+    GPU can run asynchronously (from pageable memory it cannot)."""
+
+    def __init__(self):
+        self._buffer: Tensor | None = None
+        self._busy: torch.cuda.Event | None = None  # the last copy out of it
+
+    def in_use_until(self, event: torch.cuda.Event) -> None:
+        self._busy = event
+
+    def hold(self, images: Tensor) -> Tensor:
+        """`images` copied into the buffer (once the last copy out of it is done); a view of it."""
+        if self._busy is not None:
+            self._busy.synchronize()  # long done in practice: the previous step's last microbatch
+            self._busy = None
+        n = images.numel()
+        if self._buffer is None or self._buffer.numel() < n:
+            self._buffer = torch.empty(n, dtype=images.dtype, pin_memory=True)
+        view = self._buffer[:n].view(images.shape)
+        view.copy_(images)
+        return view

@@ -58,3 +58,29 @@ def test_metrics_overhead(tmp_path, tiny_demo):
 def test_input(tmp_path):
     out, result = run_bench("input", tmp_path, "--corpus", str(tmp_path / "corpus"))
     assert "K=2 / K=1" in out and result["k2_over_k1"] > 0 and result["k2_over_old"] > 0
+
+
+def test_gpu_check_dry_run_needs_nothing_but_torch():
+    """`bench/gpu_check.sh --device cpu` with Ray, pyarrow, numpy, PIL, webdataset and simplejpeg
+    made unimportable, as on the GPU machine (PyTorch and Python only)."""
+    blocked = ("ray", "pyarrow", "numpy", "PIL", "webdataset", "simplejpeg", "matplotlib", "prometheus_client")
+    code = (f"import runpy, sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
+            "sys.argv = ['bench/gpu_check.py', '--device', 'cpu']\n"
+            "runpy.run_path('bench/gpu_check.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "logits, fp32, cpu vs cpu" in out and ": ok" in out
+    for precision in ("fp32", "bf16"):
+        for layout in ("off", "on"):
+            assert f"| {precision} | {layout} | 8 |" in out, out
+    assert "not measured (webdataset or simplejpeg missing)" in out
+
+
+def test_precision(tmp_path):
+    out, result = run_bench("precision", tmp_path)
+    rows = {r["precision"]: r for r in result["rows"]}
+    assert rows["fp32"]["exchange_dtypes"] == ["float32"] and rows["bf16"]["exchange_dtypes"] == ["bfloat16"]
+    # half the bytes, but for the sharded loss's few fp32 values (2 per image and tower)
+    for half in ("bf16", "fp16"):
+        assert 0.5 < rows[half]["exchange_bytes"] / rows["fp32"]["exchange_bytes"] < 0.51

@@ -43,7 +43,26 @@ def tiny_run_args(demo, run_dir, *extra) -> list[str]:
     (["--variant", "alexnet-v2"], "variant must be one of paper, cuda-convnet-2012, got 'alexnet-v2'"),
     (["--lr-schedule", "cosine"], "lr_schedule must be one of plateau, milestones, got 'cosine'"),
     (["--train-data", "/nonexistent/train-{000000..000003}.tar"], "train_data: "),
+    # floats: range and finiteness (NaN passes no comparison, so a bare `< 0` check lets it through)
+    (["--lr", "nan"], "lr must be a finite number >= 0, got nan"),
+    (["--lr", "inf"], "lr must be a finite number >= 0, got inf"),
+    (["--momentum", "1.5"], "momentum must be in [0, 1), got 1.5"),
+    (["--weight-decay", "-0.1"], "weight_decay must be a finite number >= 0, got -0.1"),
+    (["--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
+    (["--bucket-mb", "0"], "bucket_mb must be a finite number > 0, got 0.0"),
+    (["--max-bad-fraction", "nan"], "max_bad_fraction must be in [0, 1], got nan"),
+    (["--collective-timeout-s=-inf"], "collective_timeout_s must be a finite number > 0, got -inf"),
+    (["--placement-timeout-s", "0"], "placement_timeout_s must be a finite number > 0, got 0.0"),
+    (["--loader-timeout-s", "nan"], "loader_timeout_s must be a finite number > 0, got nan"),
+    (["--loss-scale", "0"], "loss_scale must be a finite number > 0, got 0.0"),
+    # the loaders and precision
+    (["--loaders-per-replica", "-1"], "loaders_per_replica must be >= 0, got -1"),
+    (["--loaders-per-replica", "65"], "loaders_per_replica must be in 0..64 (0: auto), got 65"),
+    (["--prefetch", "0"], "prefetch must be >= 1, got 0"),
+    (["--precision", "fp8"], "precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    (["--grad-reduce-dtype", "fp16"], "grad_reduce_dtype must be one of fp32, bf16, got 'fp16'"),
 ])
+
 def test_invalid_config_fails_before_any_actor_with_one_line(args, message, tmp_path, capsys, driver_never_starts_ray):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -55,6 +74,27 @@ def test_invalid_config_fails_before_any_actor_with_one_line(args, message, tmp_
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1, err
+
+
+def test_every_float_option_has_a_checked_range():
+    """A float field without an entry in FLOAT_RANGES would accept NaN."""
+    import dataclasses
+
+    from cluster.config import FLOAT_RANGES, TrainConfig
+
+    floats = {f.name for f in dataclasses.fields(TrainConfig) if f.type in (float, "float")}
+    assert floats == set(FLOAT_RANGES), floats ^ set(FLOAT_RANGES)
+
+
+def test_help_shows_each_flags_value_in_the_chosen_recipe(capsys):
+    from cluster.driver import parse_args
+
+    for recipe, batch in (("demo", "32"), ("alexnet_2012", "128")):
+        with pytest.raises(SystemExit):
+            parse_args(["--recipe", recipe, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"images per optimizer step (per replica) ({recipe}: {batch})" in text
+        assert "9% slower measured" in text  # a literal % in a help string is shown, not formatted
 
 
 def test_unreadable_shard_pattern_names_the_option(tmp_path, capsys, driver_never_starts_ray):

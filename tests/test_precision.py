@@ -174,3 +174,39 @@ def test_checkpoints_cross_precisions(tiny_demo, tmp_path, capsys, shared_ray, f
     for step in (2, 4):  # whatever the run computed in, its checkpoints hold fp32
         tensors = shard_tensors(tmp_path / "run" / f"checkpoint-{step:08d}")
         assert {t.dtype for name, t in tensors.items() if not name.endswith(":rng")} == {torch.float32}
+
+
+def test_pipeline_stages_send_in_the_compute_dtype(local_ray):
+    config = small_config(stages=2, stage_split="conv1-conv2 | conv3-fc8", microbatches=2, precision="bf16")
+    workers = ActorMesh(config)
+    try:
+        images, labels, lighting = next(batches(config, 1))
+        reports = workers.train_step(images, labels, 0.01, lighting)
+    finally:
+        workers.shutdown()
+    # stage 0 sends conv2's maps forward, stage 1 their gradients back: bf16 both ways
+    assert [r.sent_dtypes for r in reports] == [["bfloat16"]] * 4
+    assert [r.exchange_dtypes for r in reports] == [[], [], ["bfloat16"], ["bfloat16"]]  # conv3 on: stage 1
+
+
+def test_a_bf16_gradient_all_reduce_halves_its_bytes(local_ray):
+    """Two replicas averaging fp32 gradients through bf16 buckets: half the bytes, and the updates
+    within 2% of the fp32 all-reduce's after three steps (the averages are rounded to bf16 once a
+    step; measured: under 1%)."""
+    updates, sent = {}, {}
+    for dtype in ("fp32", "bf16"):
+        config = small_config(replicas=2, batch_size=4, grad_reduce_dtype=dtype)
+        workers = ActorMesh(config)
+        try:
+            start = {n: w for params in workers.named_parameters() for n, w in params.items()}
+            for (images, labels, lighting), lr in zip(batches(small_config(batch_size=8), len(LRS)), LRS):
+                reports = workers.train_step(list(images.split(4)), list(labels.split(4)), lr,
+                                             list(lighting.split(4)))
+            after = {n: w for params in workers.named_parameters() for n, w in params.items()}
+        finally:
+            workers.shutdown()
+        updates[dtype] = {n: after[n] - start[n] for n in after}
+        sent[dtype] = sum(r.allreduce_bytes for r in reports)
+    assert sent["bf16"] * 2 == sent["fp32"] > 0
+    for name, fp32 in updates["fp32"].items():
+        assert max_rel(updates["bf16"][name], fp32) <= 0.02, name

@@ -26,7 +26,8 @@ from cluster.ckpt.consolidate import consolidate_with_momentum  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
 from cluster.launch.actor_mesh import ActorMesh, PlacementError  # noqa: E402
 from cluster.launch.loaders import LoaderTimeout  # noqa: E402
-from cluster.launch.session import failure_cause, ray_session, restart_cause, restartable  # noqa: E402
+from cluster.launch.session import (RUNS_ENV, durable_root, failure_cause, job_working_copy,  # noqa: E402
+                                    ray_session, restart_cause, restartable)
 from cluster.recipes import RECIPES, build_config  # noqa: E402
 from cluster.inputs import InputPlan  # noqa: E402
 from cluster.telemetry.metrics import Metrics, RunMetrics  # noqa: E402
@@ -66,10 +67,32 @@ def resolve_location(name: str, location: str) -> str:
     return storage.absolute(location)
 
 
+def durable_run_dir(run_dir: str) -> str:
+    """Under a Ray job (cluster/launch/session.py), a relative run dir resolves against the
+    durable root instead of Ray's temporary copy of the working directory."""
+    if job_working_copy() is None or storage.is_uri(run_dir) or os.path.isabs(os.path.expanduser(run_dir)):
+        return run_dir
+    return os.path.join(durable_root(), run_dir)
+
+
+def check_job_paths(config: TrainConfig) -> None:
+    """Under a Ray job, shards given by a relative path would be looked for in Ray's temporary copy
+    of the working directory: refuse them in one line."""
+    copy = job_working_copy()
+    for name in ("train_data", "val_data"):
+        location = getattr(config, name)
+        if copy and location != DEMO_DATA and not storage.is_uri(location) and not os.path.isabs(
+                os.path.expanduser(location)):
+            raise ConfigError(f"{name} {location!r} is relative, and this job runs in Ray's temporary copy of the "
+                              f"working directory ({copy}): pass an absolute path on storage every node reaches")
+
+
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """The recipe with the user's flags, paths made absolute (actors may run elsewhere)."""
+    """The recipe with the user's flags, paths made absolute (actors may run elsewhere); under a
+    Ray job, a relative run dir made durable (`durable_run_dir`)."""
     config = build_config(args.recipe, **overrides(args))
-    changes = {"run_dir": resolve_location("run_dir", config.run_dir)}
+    check_job_paths(config)
+    changes = {"run_dir": resolve_location("run_dir", durable_run_dir(config.run_dir))}
     if config.resume not in ("auto", "never"):
         changes["resume"] = resolve_location("resume", config.resume)
     if config.train_data == DEMO_DATA or config.val_data == DEMO_DATA:
@@ -205,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to train: {start.directory} is at step {start.step} of {total}; "
               f"raise --epochs or --max-steps to go on")
         return 0
-    print(f"recipe {config.recipe}: {config.mesh.describe()}; run dir {config.run_dir}", flush=True)
+    durable = job_working_copy() is not None and config.run_dir.startswith(durable_root() + os.sep)
+    print(f"recipe {config.recipe}: {config.mesh.describe()}; run dir {config.run_dir}"
+          + (f" (a Ray job's relative run dir goes under ${RUNS_ENV} or ~/alexnet-towers, not under Ray's "
+             f"temporary copy of the working directory)" if durable else ""), flush=True)
     if config.replicas > 1 or config.scaled_lr != config.lr:
         print(f"global batch {config.global_batch} ({config.replicas} × {config.batch_size}); initial ε "
               f"{config.scaled_lr:g} ({config.lr:g} per {config.lr_batch} images, {config.lr_scaling} scaling)",
@@ -231,19 +257,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: training failed: {err}", file=sys.stderr, flush=True)
             return 1
         metrics.finish()
-    last = result.epochs[-1]
-    print(f"done: {result.steps} steps, val top-1 {100 * last.val_top1:.1f}%, top-5 {100 * last.val_top5:.1f}%, "
-          f"{result.images_per_second:.1f} img/s, data wait {100 * result.data_wait_fraction:.1f}% of step time; "
-          f"checkpoint {result.checkpoint}", flush=True)
     by_loader = ", ".join(f"replica {r} loader {k} {n}" for (r, k), n in sorted(metrics.decoded_by_loader.items()))
     print(f"decoded: {by_loader}; the driver {decoded_in_process() - decoded_before}", flush=True)
+    report = ""
     if config.report:
         from cluster.telemetry.plots import write_report  # matplotlib: imported only to draw (0.7 s)
 
         try:
-            print(f"report: {write_report(config.run_dir)}", flush=True)
+            report = write_report(config.run_dir)
         except Exception as err:  # the run succeeded; a plot that fails must not say otherwise
             log.warning("the report was not written: %s: %s", type(err).__name__, err)
+    last = result.epochs[-1]  # the last line: where everything is (python -m cluster.report / .export take it)
+    print(f"done: {result.steps} steps, val top-1 {100 * last.val_top1:.1f}%, top-5 {100 * last.val_top5:.1f}%, "
+          f"{result.images_per_second:.1f} img/s, data wait {100 * result.data_wait_fraction:.1f}% of step time; "
+          f"checkpoint {storage.absolute(result.checkpoint)}" + (f"; report {report}" if report else ""), flush=True)
     return 0
 
 

@@ -85,12 +85,16 @@ def stop_session(pgid: int, grace: float = 5.0) -> None:
         time.sleep(0.1)
 
 
-def head_env(workdir: Path) -> dict:
+def head_env(workdir: Path, home: Path | None = None) -> dict:
     """Environment for `ray start`, `ray job submit` and drivers of a test's own head: a private
-    auth token, free metrics ports, the project importable and this venv first on PATH (a job's
-    `python` is whatever `ray start` found on PATH)."""
+    auth token (or, with `home`, that HOME and whatever token auth Ray makes of its
+    ~/.ray/auth_token, as for a user), free metrics ports, the project importable and this venv
+    first on PATH (a job's `python` is whatever `ray start` found on PATH)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(nettools.token_auth_env(str(workdir / "token")))
+    if home is None:
+        env.update(nettools.token_auth_env(str(workdir / "token")))
+    else:
+        env["HOME"] = str(home)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Fixed default ports (44217/44227) would clash with another Ray here.
     env["AUTOSCALER_METRIC_PORT"] = str(rendezvous.free_port())
@@ -119,11 +123,12 @@ class Head:
 
 
 @contextlib.contextmanager
-def own_head(workdir: Path, num_cpus: int = 2, extra_env: dict | None = None):
+def own_head(workdir: Path, num_cpus: int = 2, extra_env: dict | None = None, home: Path | None = None):
     """Start a head on 127.0.0.1 in its own process group; stop exactly that head afterwards.
-    `extra_env`: more environment for the head and what joins it (e.g. Ray system settings)."""
+    `extra_env`: more environment for the head and what joins it (e.g. Ray system settings);
+    `home`: the HOME whose ~/.ray/auth_token decides auth (head_env)."""
     gcs, dashboard, agent, client = (rendezvous.free_port() for _ in range(4))
-    env = head_env(workdir)
+    env = head_env(workdir, home)
     env.update(localnet.loopback_env())
     env.update(extra_env or {})
     args = nettools.ray_start_head_args(port=gcs, dashboard_port=dashboard,

@@ -206,3 +206,33 @@ def test_labels_outside_the_class_range_stop_the_run_before_any_actor(tiny_demo,
     assert main(tiny_run_args(tiny_demo, tmp_path / "run", "--num-classes", "5")) == 2
     err = capsys.readouterr().err.strip()
     assert "max_bad_fraction" in err and "label out of range" in err and len(err.splitlines()) == 1
+
+
+@pytest.fixture
+def inside_a_job(tmp_path, monkeypatch):
+    """This process as a Ray job's driver sees itself: in Ray's copy of the working directory."""
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123456789abcdef"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}, "metadata": {}}))
+    monkeypatch.setenv("ALEXNET_RUNS", str(tmp_path / "durable"))
+    return copy
+
+
+def test_under_a_job_a_relative_run_dir_is_made_durable(tiny_demo, inside_a_job, tmp_path, capsys,
+                                                       driver_never_starts_ray):
+    args = tiny_run_args(tiny_demo, "runs/mine", "--show-config")
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["run_dir"] == str(tmp_path / "durable" / "runs" / "mine")
+    absolute = tmp_path / "elsewhere"
+    assert main(tiny_run_args(tiny_demo, absolute, "--show-config")) == 0
+    assert json.loads(capsys.readouterr().out)["run_dir"] == str(absolute)  # an absolute one stays
+
+
+def test_under_a_job_relative_shards_are_refused_in_one_line(tiny_demo, inside_a_job, capsys, driver_never_starts_ray):
+    assert main(["--train-data", "shards/train-{000000..000001}.tar", "--val-data", tiny_demo.val_pattern]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: train_data 'shards/train-{000000..000001}.tar' is relative, and this job runs in Ray's "
+                   f"temporary copy of the working directory ({inside_a_job}): pass an absolute path on storage "
+                   "every node reaches")

@@ -40,7 +40,9 @@ def assert_real_plot(path) -> None:
 def test_the_run_wrote_its_report_into_the_run_dir(run):
     assert run.returncode == 0, run.output[-3000:]
     report = run.run_dir / "report"
-    assert f"report: {report}" in run.output
+    last = [line for line in run.output.splitlines() if line.startswith("done: ")][-1]  # the run's last line
+    assert last.endswith(f"; checkpoint {run.run_dir / f'checkpoint-{TOTAL_STEPS:08d}'}"
+                                                       f"; report {report}"), last
     for name in PLOTS:
         assert_real_plot(report / name)
     text = (report / "report.md").read_text()
@@ -50,9 +52,11 @@ def test_the_run_wrote_its_report_into_the_run_dir(run):
     assert all(f"![{name[:-4]}]({name})" in text for name in PLOTS)
 
 
-def test_the_report_command_writes_plots_of_a_finished_run(run, tmp_path):
+@pytest.mark.parametrize("given", ["run dir", "report dir"])
+def test_the_report_command_writes_plots_of_a_finished_run(run, tmp_path, given):
     out = tmp_path / "plots"
-    proc = subprocess.run([sys.executable, "-m", "cluster.report", str(run.run_dir), "--out", str(out)], cwd=REPO,
+    source = run.run_dir if given == "run dir" else run.run_dir / "report"  # as the run's last line prints it
+    proc = subprocess.run([sys.executable, "-m", "cluster.report", str(source), "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == f"report: {out}"

@@ -64,6 +64,14 @@ def join(location: str, *names: str) -> str:
     return urlunsplit(parts._replace(path=path))
 
 
+def parent(location: str) -> str:
+    """The directory `location` is in: `s3://b/run?...` of `s3://b/run/checkpoint-00000005?...`."""
+    if is_uri(location):
+        parts = urlsplit(location)
+        return urlunsplit(parts._replace(path=posixpath.dirname(parts.path.rstrip("/"))))
+    return os.path.dirname(os.path.normpath(location))
+
+
 def basename(location: str) -> str:
     """The last name of `location`'s path: `checkpoint-00000005` of `s3://b/run/checkpoint-00000005?...`."""
     if is_uri(location):

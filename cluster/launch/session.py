@@ -1,13 +1,20 @@
-"""The Ray session a run uses, and which failures of it a run survives.
+"""The Ray session a run uses, where a job's files go, and which failures a run survives.
 
 `ray_session` joins the given or surrounding cluster, or starts a local one bound to 127.0.0.1
-(cluster/launch/localnet.py). `restartable` tells a failure of the machinery (an actor process
+(cluster/launch/localnet.py).
+
+Under `ray job submit --working-dir DIR`, the driver runs in Ray's unpacked copy of DIR
+(`.../runtime_resources/working_dir_files/_ray_pkg_<hash>`), which Ray deletes when it cleans its
+packages and replaces with a new one when the code changes. `job_working_copy` tells whether the
+driver runs there; a relative run dir then resolves against `durable_root()` ($ALEXNET_RUNS, else
+~/alexnet-towers) instead, so the same command resumes after a code change. `restartable` tells a failure of the machinery (an actor process
 that died, a collective that failed or timed out because a peer died or hung) from an error of
 the training code: the driver rebuilds the mesh from the newest checkpoint for the first kind
 only.
 """
 
 import contextlib
+import json
 import os
 
 import ray
@@ -15,6 +22,26 @@ import torch.distributed as dist
 
 from cluster.launch import localnet
 from cluster.launch.loaders import LoaderTimeout
+
+
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # what Ray's job supervisor gives a job's driver
+RUNS_ENV = "ALEXNET_RUNS"
+DEFAULT_DURABLE_ROOT = os.path.join("~", "alexnet-towers")
+
+
+def job_working_copy() -> str | None:
+    """The working directory when this process is a Ray job's driver running in Ray's copy of the
+    submitted working directory, else None."""
+    try:
+        runtime_env = json.loads(os.environ.get(JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return None
+    return os.getcwd() if runtime_env.get("working_dir") else None
+
+
+def durable_root() -> str:
+    """Where a job's relative run dirs go: $ALEXNET_RUNS, else ~/alexnet-towers (absolute)."""
+    return os.path.abspath(os.path.expanduser(os.environ.get(RUNS_ENV) or DEFAULT_DURABLE_ROOT))
 
 
 @contextlib.contextmanager

@@ -615,6 +615,53 @@ __attribute__((target("avx2"))) static void split_row_avx2(const uint8_t *src, l
 
 static int use_simd = 0; /* set at import: the CPU has AVX2 (and tests may turn it off) */
 
+/* Reverse n bytes in place. */
+static void reverse_bytes(uint8_t *p, long n) {
+  for (long i = 0, j = n - 1; i < j; i++, j--) {
+    const uint8_t t = p[i];
+    p[i] = p[j];
+    p[j] = t;
+  }
+}
+
+#ifdef RESAMPLE_AVX2
+/* reverse_bytes, 16 bytes from each end at a time with SSSE3 shuffles. */
+__attribute__((target("avx2"))) static void reverse_bytes_simd(uint8_t *p, long n) {
+  const __m128i mirror = _mm_setr_epi8(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  long i = 0, j = n;  /* bytes [i, j) are left to reverse */
+  for (; j - i >= 32; i += 16, j -= 16) {
+    const __m128i front = _mm_loadu_si128((const __m128i *)(p + i));
+    const __m128i back = _mm_loadu_si128((const __m128i *)(p + j - 16));
+    _mm_storeu_si128((__m128i *)(p + i), _mm_shuffle_epi8(back, mirror));
+    _mm_storeu_si128((__m128i *)(p + j - 16), _mm_shuffle_epi8(front, mirror));
+  }
+  reverse_bytes(p + i, j - i);
+}
+#endif
+
+/* resample_patch without a resize (pre-resized shards): the crop x crop pixels at (dy, dx) of the
+ * window split straight into the three planes of `out`, each plane's row then reversed when flip:
+ * no intermediate image. */
+static void copy_patch(const uint8_t *src, Py_ssize_t stride, long dy, long dx, long crop, int flip,
+                       uint8_t *out) {
+  const long plane = crop * crop;
+  for (long i = 0; i < crop; i++) {
+    const uint8_t *rgb = src + (dy + i) * stride + 3 * dx;
+    uint8_t *r = out + i * crop;
+#ifdef RESAMPLE_AVX2
+    if (use_simd) { /* its loads stay inside the row's 3 * crop bytes */
+      split_row_avx2(rgb, crop, r, r + plane, r + 2 * plane);
+      if (flip)
+        for (int c = 0; c < 3; c++) reverse_bytes_simd(r + c * plane, crop);
+      continue;
+    }
+#endif
+    split_row(rgb, crop, r, r + plane, r + 2 * plane);
+    if (flip)
+      for (int c = 0; c < 3; c++) reverse_bytes(r + c * plane, crop);
+  }
+}
+
 /* The (3, crop, crop) patch of an h x w RGB window (row stride `stride` bytes; `end` is the
  * first byte past the source buffer) resized by sf, at (dy, dx) of the resized grid, mirrored
  * when flip, into `out`. 0, or -1 when out of memory. No Python calls: run it without the GIL.
@@ -630,6 +677,10 @@ static int resample_patch(const uint8_t *src, Py_ssize_t stride, const uint8_t *
   uint8_t *tmp = NULL, *line = NULL;
   const uint8_t **rows = NULL;
   int status = -1;
+  if (!need_h && !need_v) { /* no resize (pre-resized shards): the crop's rows straight into the planes */
+    copy_patch(src, stride, dy, dx, crop, flip, out);
+    return 0;
+  }
   if (need_h && axis_init(&ax, w, out_w, sf, dx, crop, 4) != 0) goto done;
   if (need_v && axis_init(&ay, h, out_h, sf, dy, crop, 2) != 0) goto done;
   /* the window rows the patch needs */

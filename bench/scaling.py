@@ -180,7 +180,7 @@ def model_tables(args) -> dict:
             owt = sc.owt_step(net, device, where, batch)
             node = sc.rank_meshes(net, device, sc.cluster(gpus // nodes, 1, sc.gpu_links(gbit)), batch)[0]
             out["rows"].append({"gpus": gpus, "nodes": nodes, "gbit": gbit, "best": ranked[0], "owt": owt,
-                                "one_node": node})
+                                "one_node": node, "input": input_rows(ranked[0], where)})
     gpus, nodes = FOCUS
     for gbit in args.gbits:
         where = sc.cluster(gpus, nodes, sc.gpu_links(gbit))
@@ -198,6 +198,16 @@ def model_tables(args) -> dict:
                                   grad_bytes=grad_bytes)[0]
             out["sensitivity"].append({"variant": label, "gbit": gbit, "best": best, "owt": owt, "one_node": node})
     return out
+
+
+def input_rows(est: sc.Estimate, where: sc.Cluster) -> dict:
+    """The input path of a recommended mesh: per kind of shards, the images/s its loaders can
+    make and the cores each GPU needs; the bytes a step puts in the object store and on the NIC."""
+    found = {"bytes": sc.input_bytes(est.batch), "paths": {}}
+    for path in sc.INPUT_PATHS:
+        found["paths"][path.name] = {"input_images_s": sc.input_bound_images_s(est, where, path),
+                                     "cores_per_gpu": sc.cores_per_gpu(est, path)}
+    return found
 
 
 def _split(est: sc.Estimate, markdown: bool) -> str:
@@ -229,6 +239,21 @@ def print_model(out: dict, markdown: bool) -> None:
         row(f"{r['gpus']}/{r['nodes']}", r["gbit"], best.shape(), _split(best, markdown), f"{best.images_s:.0f}",
             _ms(best.step_s), _ms(best.allreduce_exposed_s), f"{owt.images_s:.0f}",
             f"{owt.images_s / best.images_s:.2f}", f"{node.images_s:.0f}")
+    print(f"\nThe input path of each best mesh: loaders on each replica's stage-0 node, "
+          f"{sc.CORES_PER_NODE} cores per node less one per GPU actor; decode per core "
+          + ", ".join(f"{p.decode_images_s_per_core:.0f} img/s ({p.name})" for p in sc.INPUT_PATHS) + "\n")
+    names = [p.name for p in sc.INPUT_PATHS]
+    row("GPUs/nodes", "Gb/s per node", "best mesh", "compute-bound img/s",
+        *(f"input-bound img/s, {n}" for n in names), *(f"cores per GPU, {n}" for n in names),
+        "object store MB/step/replica", "NIC B/step/replica", "bound by")
+    rule(6 + 2 * len(names))
+    for r in out["rows"]:
+        best, paths = r["best"], r["input"]["paths"]
+        inputs = [paths[n]["input_images_s"] for n in names]
+        bound = ", ".join(f"{'input' if rate < best.images_s else 'compute'} ({n})" for n, rate in zip(names, inputs))
+        row(f"{r['gpus']}/{r['nodes']}", r["gbit"], best.shape(), f"{best.images_s:.0f}",
+            *(f"{rate:.0f}" for rate in inputs), *(f"{paths[n]['cores_per_gpu']:.1f}" for n in names),
+            f"{r['input']['bytes']['object_store'] / 1e6:.1f}", f"{r['input']['bytes']['nic']}", bound)
     gpus, nodes = FOCUS
     for gbit, focus in out["focus"].items():
         print(f"\n{gpus // nodes} GPUs/node × {nodes} nodes at {gbit} Gb/s per node: every mesh, best first "

@@ -192,3 +192,19 @@ def test_rank_meshes_puts_the_fastest_first():
     assert {(e.replicas, e.stages, e.towers) for e in ranked} == {
         (r, s, t) for r, s, t in sc.meshes(16, 2) if 1024 % r == 0}
     assert all(e.gpus == 16 and e.global_batch == 1024 for e in ranked)
+
+
+def test_the_input_path_is_the_spare_cores_of_each_replicas_first_node():
+    path = sc.InputPath("test", 100.0, 48, "")
+    where = sc.cluster(8, 1, sc.gpu_links(100))
+    est = sc.mesh_step(NET, EQUAL, where, 4, 1, 2, 1, 32, (LAYERS,))  # 4 replicas × 2 towers on one node
+    # 48 cores − 8 GPU actors = 40 spare, shared by the 4 replicas: 10 cores × 100 img/s each, × 4
+    assert sc.input_bound_images_s(est, where, path) == pytest.approx(4000)
+    assert sc.cores_per_gpu(est, path) == pytest.approx(est.images_s / 8 / 100)
+    # 2 nodes, one replica of 8 stages: its stage 0's node alone decodes, 48 − 8 = 40 cores
+    two = sc.cluster(16, 2, sc.gpu_links(100))
+    pipeline = sc.mesh_step(NET, EQUAL, two, 1, 8, 2, 8, 64, next(sc.splits(8)))
+    assert sc.input_bound_images_s(pipeline, two, path) == pytest.approx(4000)
+    # a uint8 image at 224², its 3 lighting floats and its int64 label go into the object store once;
+    # only the label leaves the node
+    assert sc.input_bytes(32) == {"object_store": 32 * (150_528 + 12 + 8), "nic": 32 * 8}

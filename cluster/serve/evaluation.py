@@ -24,7 +24,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from cluster.config import TrainConfig
+from cluster.config import ConfigError, TrainConfig
 from cluster.inputs import InputPlan, open_reader
 from cluster.rank.pipeline import StepPlan
 from cluster.rank.report import EvalScores
@@ -99,8 +99,11 @@ def evaluation_config(model: Model, val_data: str, views: int | None = None, loc
 
 
 def open_validation(config: TrainConfig) -> InputPlan:
-    """The validation reader's index (no image opened): ValueError (one line) for bad shards."""
-    return InputPlan(open_reader(config, "val"), "val")
+    """The validation reader's index (no image opened): ConfigError (one line) for bad shards."""
+    try:
+        return InputPlan(open_reader(config, "val"), "val")
+    except ValueError as err:
+        raise ConfigError(f"--val-data: {err}: give validation shards (python -m data.convert makes them)") from None
 
 
 def evaluate_on_mesh(config: TrainConfig, model: Model, val_data: InputPlan, on_batch: OnBatch | None = None,

@@ -13,6 +13,9 @@ logits with the cross-tower exchange). `Scorer.topk` ranks with `topk` as `shard
 does, so a class is "top-1" here exactly when the evaluation counts it so for the same logits.
 """
 
+import os
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -61,3 +64,39 @@ class Scorer:
         (b, k) int64 and (b, k) float32."""
         best = self.log_probs(images).topk(min(k, self.num_classes), dim=1)
         return best.indices, best.values.exp()
+
+
+def image_files(paths: list[str]) -> list[str]:
+    """The files `paths` name: each file, and every file under each directory (recursively, in
+    name order, hidden ones left out). Raises ValueError for a path that does not exist."""
+    files = []
+    for path in paths:
+        if os.path.isfile(path):
+            files.append(path)
+        elif os.path.isdir(path):
+            for folder, dirs, names in sorted(os.walk(path)):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files += [os.path.join(folder, name) for name in sorted(names) if not name.startswith(".")]
+        else:
+            raise ValueError(f"IMAGE {path} does not exist")
+    return files
+
+
+def predict_files(scorer: Scorer, files: list[str], resize: int, crop: int, topk: int,
+                  batch_size: int = 32) -> Iterator[tuple[str, list[tuple[int, float]] | None, str]]:
+    """(file, [(class, probability)] best first, "") for each file, in order, `batch_size` at a
+    time; (file, None, why) for one that is not an image (or cannot be read)."""
+    transform = view_transform(resize, crop, scorer.views)
+    for start in range(0, len(files), batch_size):
+        chunk, views, errors = files[start:start + batch_size], [], {}
+        for file in chunk:
+            try:
+                with open(file, "rb") as f:
+                    views.append(image_views(f.read(), transform))
+            except (OSError, ValueError) as err:
+                errors[file] = " ".join(str(err).split())
+        if views:
+            classes, probs = scorer.topk(torch.from_numpy(np.stack(views)), topk)
+            ranked = iter(list(zip(c, p)) for c, p in zip(classes.tolist(), probs.tolist()))
+        for file in chunk:
+            yield (file, None, errors[file]) if file in errors else (file, next(ranked), "")

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = Summary(shards=len(paths), skipped=len(done))
     try:
         with ray_session(args.address, 1 + args.threads_per_worker * (args.concurrency or 1)) as env:
-            options = resolve_options(args)
+            options = resolve_options(args, len(todo))
             print(f"{options.concurrency} inference actor(s) of "
                   + (f"{options.gpus_per_worker:g} GPU(s)" if options.gpus_per_worker else
                      f"{options.threads_per_worker} CPU thread(s)") + f", batches of {options.batch_size}", flush=True)
@@ -126,8 +126,9 @@ def shards(pattern: str) -> list[str]:
     return paths
 
 
-def resolve_options(args: argparse.Namespace) -> InferOptions:
-    """The defaults that depend on the cluster joined: GPUs when it has them."""
+def resolve_options(args: argparse.Namespace, shards: int) -> InferOptions:
+    """The defaults that depend on the cluster joined (GPUs when it has them) and on the work (no
+    more actors than shards)."""
     import ray
 
     resources = ray.cluster_resources()
@@ -136,9 +137,9 @@ def resolve_options(args: argparse.Namespace) -> InferOptions:
     if args.concurrency:
         concurrency = args.concurrency
     elif gpus_per_worker > 0:
-        concurrency = max(1, int(resources.get("GPU", 0) // gpus_per_worker))
+        concurrency = max(1, min(int(resources.get("GPU", 0) // gpus_per_worker), shards))
     else:
-        concurrency = max(1, int(resources.get("CPU", 1) // (args.threads_per_worker + 1)))
+        concurrency = max(1, min(int(resources.get("CPU", 1) // (args.threads_per_worker + 1)), shards))
     return InferOptions(args.batch_size, concurrency, gpus_per_worker, args.threads_per_worker, args.views, args.topk)
 
 

@@ -139,15 +139,15 @@ def test_actors_spread_over_both_nodes_and_a_killed_actor_loses_no_key(run, shar
                    "--concurrency", "2", "--batch-size", "2", "--address", f"127.0.0.1:{head.gcs_port}"]
         env = {**head.env, "ALEXNET_INJECT_INFER_KILL": f"2:{tmp / 'killed'}"}  # an actor dies after its 2nd batch
         first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-        assert first.returncode in (0, 1), first.stdout[-3000:] + first.stderr[-3000:]
-        assert (tmp / "killed").exists()  # the fault happened
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]  # Ray Data restarted it
+        assert (tmp / "killed").exists()  # the fault happened: an actor process was SIGKILLed mid-run
+        summary = json.loads((tmp / "pred" / "_summary.json").read_text())
         again = subprocess.run(command, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=400)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "all 5 shard(s) have complete predictions" in again.stdout
         rows = serving.parquet_rows(tmp / "pred")
-        summary = json.loads((tmp / "pred" / "_summary.json").read_text())
-        runs = [first.stdout, again.stdout]
-    assert sorted(r["key"] for r in rows) == sorted({r["key"] for r in rows}) and len(rows) == 20
+    assert len(summary["nodes"]) == 2, summary  # actors on both worker nodes (the head has no CPUs)
+    assert summary["rows"] == 20 and sum(summary["actors"].values()) == 20, summary
+    assert "died or was killed" in first.stdout + first.stderr
+    assert len(rows) == 20 and len({r["key"] for r in rows}) == 20  # every key exactly once
     assert all(r["error"] is None for r in rows)
-    pids_nodes = [set(re.findall(r"inference actor pid (\d+) on node (\w+)", out)) for out in runs]
-    assert len({node for _, node in pids_nodes[0]}) == 2, runs[0]  # both worker nodes ran an actor
-    print(summary, runs)

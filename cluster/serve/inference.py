@@ -48,6 +48,8 @@ import ray.data
 import torch
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster import faults
 from cluster.ckpt import storage
@@ -338,6 +340,21 @@ class ShardAssembler:
 # ---------------------------------------------------------------- the run
 
 
+def reserve_actors(options: "InferOptions", resources: dict, timeout_s: float = 120.0):
+    """A placement group of one bundle per inference actor, spread over the nodes (Ray places the
+    bundles together, before any task takes the CPUs, where a SPREAD actor placed later may find
+    one node busy): the actors land on as many nodes as can hold them."""
+    bundle = {"CPU": resources["num_cpus"], **({"GPU": resources["num_gpus"]} if "num_gpus" in resources else {})}
+    group = placement_group([bundle] * options.concurrency, strategy="SPREAD")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise RuntimeError(f"{options.concurrency} inference actor(s) of {bundle} could not be placed within "
+                           f"{timeout_s:g} s (the cluster has {ray.available_resources()} free): lower "
+                           f"--concurrency or add nodes")
+    return group
+
+
 @dataclasses.dataclass(frozen=True)
 class InferOptions:
     batch_size: int = 64  # images per forward pass
@@ -359,16 +376,21 @@ def run_inference(model: Model, todo: list[str], out: str, options: InferOptions
     remote = {"runtime_env": {"env_vars": env}} if env else {}
     resources = ({"num_gpus": options.gpus_per_worker, "num_cpus": 1} if options.gpus_per_worker > 0
                  else {"num_cpus": options.threads_per_worker})
-    source = ShardSource(list(enumerate(todo)), model.resize, model.crop, options.views)
-    dataset = ray.data.read_datasource(source, override_num_blocks=len(todo), ray_remote_args=remote)
-    dataset = dataset.map_batches(
-        Predictor, fn_constructor_kwargs=dict(source=model.checkpoint if model.kind == "checkpoint" else model.source,
-                                              fingerprint=model.fingerprint, views=options.views,
-                                              topk=options.topk, threads=options.threads_per_worker),
-        batch_size=options.batch_size, batch_format="numpy", concurrency=options.concurrency, **resources, **remote)
-    assembler = ShardAssembler(todo, out, settings, summary, on_shard)
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        assembler.add(batch)
+    slots = reserve_actors(options, resources)
+    try:
+        source = ShardSource(list(enumerate(todo)), model.resize, model.crop, options.views)
+        dataset = ray.data.read_datasource(source, override_num_blocks=len(todo), ray_remote_args=remote)
+        dataset = dataset.map_batches(
+            Predictor, fn_constructor_kwargs=dict(source=model.checkpoint if model.kind == "checkpoint" else model.source,
+                                                  fingerprint=model.fingerprint, views=options.views,
+                                                  topk=options.topk, threads=options.threads_per_worker),
+            batch_size=options.batch_size, batch_format="numpy", concurrency=options.concurrency,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(slots), **resources, **remote)
+        assembler = ShardAssembler(todo, out, settings, summary, on_shard)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            assembler.add(batch)
+    finally:
+        remove_placement_group(slots)
     if assembler.unfinished:
         raise RuntimeError(f"the pipeline ended with {len(assembler.unfinished)} shard(s) incomplete, e.g. "
                            f"{assembler.unfinished[0]}")

@@ -15,6 +15,7 @@ Exit status: 0 done (bad samples included), 1 the pipeline failed (re-run to go 
 import argparse
 import logging
 import math
+import os
 import sys
 
 from cluster import faults
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="directory of the predictions (a path or a URI)")
     parser.add_argument("--batch-size", type=positive, default=64, help="images per forward pass (default: 64)")
     parser.add_argument("--concurrency", type=positive,
-                        help="inference actors (default: one per GPU/--gpus-per-worker on a GPU cluster, else one "
-                             "per --threads-per-worker + 1 of the cluster's CPUs, at least 1)")
+                        help="inference actors (default: GPUs / --gpus-per-worker on a GPU cluster; on CPUs, "
+                             "half the cluster's CPUs / --threads-per-worker, or one per core on a local Ray; never "
+                             "more than the shards)")
     parser.add_argument("--gpus-per-worker", type=gpus,
                         help="GPUs of each inference actor (default: 1 when the cluster has GPUs, else 0: CPUs)")
     parser.add_argument("--threads-per-worker", type=positive, default=1,
@@ -89,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     summary = Summary(shards=len(paths), skipped=len(done))
-    try:
-        with ray_session(args.address, 1 + args.threads_per_worker * (args.concurrency or 1)) as env:
-            options = resolve_options(args, len(todo))
+    local = not (args.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())  # a Ray of our own
+    cores = os.cpu_count() or 1
+    actor_cpus = args.concurrency * args.threads_per_worker if args.concurrency else cores
+    try:  # a local Ray gets a CPU for the read tasks beside the actors' (the cores are shared)
+        with ray_session(args.address, actor_cpus + 1 if local else 1) as env:
+            options = resolve_options(args, len(todo), cores if local else None)
             print(f"{options.concurrency} inference actor(s) of "
                   + (f"{options.gpus_per_worker:g} GPU(s)" if options.gpus_per_worker else
                      f"{options.threads_per_worker} CPU thread(s)") + f", batches of {options.batch_size}", flush=True)
@@ -126,9 +131,10 @@ def shards(pattern: str) -> list[str]:
     return paths
 
 
-def resolve_options(args: argparse.Namespace, shards: int) -> InferOptions:
-    """The defaults that depend on the cluster joined (GPUs when it has them) and on the work (no
-    more actors than shards)."""
+def resolve_options(args: argparse.Namespace, shards: int, local_cores: int | None) -> InferOptions:
+    """The defaults that depend on the cluster (GPUs when it has them; on a local Ray of this
+    machine's `local_cores`, one single-threaded actor per core) and on the work (no more actors
+    than shards)."""
     import ray
 
     resources = ray.cluster_resources()
@@ -139,7 +145,8 @@ def resolve_options(args: argparse.Namespace, shards: int) -> InferOptions:
     elif gpus_per_worker > 0:
         concurrency = max(1, min(int(resources.get("GPU", 0) // gpus_per_worker), shards))
     else:
-        concurrency = max(1, min(int(resources.get("CPU", 1) // (args.threads_per_worker + 1)), shards))
+        cpus = local_cores or int(resources.get("CPU", 1)) // 2  # elsewhere: half the CPUs read and decode
+        concurrency = max(1, min(cpus // args.threads_per_worker, shards))
     return InferOptions(args.batch_size, concurrency, gpus_per_worker, args.threads_per_worker, args.views, args.topk)
 
 

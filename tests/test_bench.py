@@ -58,3 +58,8 @@ def test_metrics_overhead(tmp_path, tiny_demo):
 def test_input(tmp_path):
     out, result = run_bench("input", tmp_path, "--corpus", str(tmp_path / "corpus"))
     assert "K=2 / K=1" in out and result["k2_over_k1"] > 0 and result["k2_over_old"] > 0
+
+
+def test_inference(tmp_path):
+    out, result = run_bench("inference", tmp_path)
+    assert "ratio infer / plain" in out and result["ratio"] > 0 and result["images"] == 20

@@ -38,6 +38,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -379,13 +380,16 @@ def run_inference(model: Model, todo: list[str], out: str, options: InferOptions
     slots = reserve_actors(options, resources)
     try:
         source = ShardSource(list(enumerate(todo)), model.resize, model.crop, options.views)
-        dataset = ray.data.read_datasource(source, override_num_blocks=len(todo), ray_remote_args=remote)
-        dataset = dataset.map_batches(
-            Predictor, fn_constructor_kwargs=dict(source=model.checkpoint if model.kind == "checkpoint" else model.source,
-                                                  fingerprint=model.fingerprint, views=options.views,
-                                                  topk=options.topk, threads=options.threads_per_worker),
-            batch_size=options.batch_size, batch_format="numpy", concurrency=options.concurrency,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(slots), **resources, **remote)
+        dataset = ray.data.read_datasource(source, override_num_blocks=len(todo), **remote)
+        predictor = dict(source=model.checkpoint if model.kind == "checkpoint" else model.source,
+                         fingerprint=model.fingerprint, views=options.views, topk=options.topk,
+                         threads=options.threads_per_worker)
+        with warnings.catch_warnings():  # scheduling_strategy is a `ray_remote_args`, deprecated from Ray 2.64 on
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+            dataset = dataset.map_batches(Predictor, fn_constructor_kwargs=predictor, batch_size=options.batch_size,
+                                          batch_format="numpy", concurrency=options.concurrency,
+                                          scheduling_strategy=PlacementGroupSchedulingStrategy(slots), **resources,
+                                          **remote)
         assembler = ShardAssembler(todo, out, settings, summary, on_shard)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             assembler.add(batch)

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = load_model(args.model)
+        args.topk = min(args.topk, model.cfg.num_classes)
         paths = shards(args.data)
         storage.open_storage(args.out).makedirs()
         todo, done = pending_shards(paths, args.out, Settings(model.fingerprint, args.views, args.topk))

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     quiet = args.json == "-"
-    for note in model.notes:
+    for note in model.notes + ([] if model.classes else ["the model has no class table: classes are shown by index "
+                                                         "(export with --classes, or give --classes here)"]):
         print(f"note: {note}", file=sys.stderr)
     scorer = Scorer(model, args.views)
     records, skipped = [], 0

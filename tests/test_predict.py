@@ -94,3 +94,23 @@ def test_bad_input_is_one_line_and_exit_2(case, phrase, exported, photos, tmp_pa
         image = str(tmp_path / "nothing.jpg")
     assert predict.main([str(model), image]) == 2
     assert phrase in serving.one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("checkpoint_there", (True, False))
+def test_a_v1_export_still_loads_with_a_note(checkpoint_there, exported, photos, tmp_path, capsys):
+    """An export written before the inference fields: the resize comes from its checkpoint's
+    manifest (72 here), else the paper's 256/224 ratio (64 → 73), each said in a note."""
+    description = json.loads(exported.with_suffix(".json").read_text())
+    old = {key: value for key, value in description.items()
+           if key not in ("classes", "class_source", "input_size", "mean_rgb", "preprocessing", "precision")}
+    old["format"] = "alexnet-towers export v1"
+    if not checkpoint_there:
+        old["checkpoint"] = str(tmp_path / "gone")
+    (tmp_path / "old.pt").write_bytes(exported.read_bytes())
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    image = str(next(iter(photos["files"].values())))
+    assert predict.main([str(tmp_path / "old.pt"), image, "--json", "-"]) == 0
+    captured = capsys.readouterr()
+    expected = "resize 72 taken from its checkpoint" if checkpoint_there else "resizing the shorter side to 73"
+    assert expected in captured.err and "records no preprocessing (an older export)" in captured.err
+    assert len(json.loads(captured.out)["images"][0]["predictions"]) == 5

@@ -97,13 +97,13 @@ def _from_checkpoint(path: str) -> Model:
     try:
         directory = find_checkpoint(path)
         manifest, state = consolidate(directory)
-        inference, note = inference_description(manifest)
+        inference, _ = inference_description(manifest)  # without a class table, classes are shown by index
     except (CheckpointError, OSError, ValueError) as err:
         raise ModelError(_one_line(err)) from None
     digest = hashlib.sha256("".join(shard["sha256"] for shard in manifest[checkpoint.KEY_SHARDS]).encode())
     return Model(model_config(manifest), state, inference["preprocessing"]["resize_shorter"], inference["classes"],
                  path, "checkpoint", digest.hexdigest()[:16], storage.absolute(directory),
-                 manifest[checkpoint.KEY_STEP], manifest[checkpoint.KEY_CONFIG], [note] if note else [])
+                 manifest[checkpoint.KEY_STEP], manifest[checkpoint.KEY_CONFIG])
 
 
 def _from_export(path: str) -> Model:
@@ -155,7 +155,7 @@ def _fill_preprocessing(model: Model, description: dict, manifest: dict | None) 
         model.resize = int(resize)
         return
     try:
-        inference, note = inference_description(manifest)
+        inference, _ = inference_description(manifest)
     except (TypeError, ValueError, KeyError, AttributeError):
         model.resize = round(model.crop * PAPER_RESIZE_RATIO)
         model.notes.append(f"export {model.source} records no preprocessing (an older export) and its checkpoint "
@@ -166,8 +166,6 @@ def _fill_preprocessing(model: Model, description: dict, manifest: dict | None) 
     model.classes = model.classes or inference["classes"]
     model.notes.append(f"export {model.source} records no preprocessing (an older export): resize {model.resize} "
                        f"taken from its checkpoint {model.checkpoint}; export again to record it")
-    if note and not model.classes:
-        model.notes.append(note)
 
 
 def _one_line(err: BaseException) -> str:

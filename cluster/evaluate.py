@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("source", help="a run dir, a checkpoint-NNNNNNNN dir (paths or URIs) or an export .pt "
                                        "(with its .json)")
     parser.add_argument("--val-data", help="validation shards: a brace pattern, a glob, a directory or `demo` "
-                                           "(default: the run's own --val-data; required for an export)")
+                                           "(default: the run's own --val-data, an export's too while its run is there)")
     parser.add_argument("--eval-views", type=int, choices=(1, 10),
                         help="1: the centre crop; 10: the paper's ten views, softmax averaged (default: the run's)")
     parser.add_argument("--local", action="store_true",

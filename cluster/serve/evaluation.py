@@ -31,6 +31,7 @@ from cluster.rank.report import EvalScores
 from cluster.serve.model import Model
 from cluster.telemetry.history import read_history
 from data.loader import ShardBatches
+from data.shards import expand_shards
 
 # PAPER.md §6, error rates: (setting, top-1, top-5).
 PAPER_RESULTS = (
@@ -111,12 +112,10 @@ def evaluate_on_mesh(config: TrainConfig, model: Model, val_data: InputPlan, on_
     """The trainer's evaluation on an actor mesh of `config`'s shape: (the result, the mesh)."""
     import ray  # only for the mesh: --local runs without it
 
-    from cluster.launch.actor_mesh import ActorMesh
-    from cluster.launch.session import ray_session
-    from cluster.trainer import evaluate_scores
+    from cluster.launch.actor_mesh import ActorMesh, PlacementError
     from cluster.launch.loaders import LoaderTimeout
-    from cluster.launch.session import failure_cause
-    from cluster.plan.placement import PlacementError
+    from cluster.launch.session import failure_cause, ray_session
+    from cluster.trainer import evaluate_scores
 
     cpus = config.mesh.world_size * config.threads_per_worker + config.replicas * max(
         config.loaders_per_replica, 1) * config.loader_threads
@@ -210,8 +209,6 @@ def result_json(result: Result, config: TrainConfig, model: Model, mode: str, me
 
 def same_data(a: str | None, b: str | None) -> bool:
     """Whether two shard patterns name the same files."""
-    from data.shards import expand_shards
-
     try:
         return bool(a and b) and [os.path.realpath(p) for p in expand_shards(a)] == [
             os.path.realpath(p) for p in expand_shards(b)]

@@ -29,11 +29,11 @@ from cluster.launch.loaders import LoaderTimeout  # noqa: E402
 from cluster.launch.session import (RUNS_ENV, durable_root, failure_cause, job_working_copy,  # noqa: E402
                                     ray_session, restart_cause, restartable)
 from cluster.recipes import RECIPES, build_config  # noqa: E402
-from cluster.inputs import InputPlan  # noqa: E402
+from cluster.inputs import InputPlan, open_reader  # noqa: E402
 from cluster.telemetry.metrics import Metrics, RunMetrics  # noqa: E402
 from cluster.trainer import NonFiniteLoss, Start, TrainResult, resume_point, total_steps, train  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
-from data.loader import DataError, ShardBatches, decoded_in_process  # noqa: E402
+from data.loader import DataError, decoded_in_process  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
 from stages.split import layer_costs, split_table  # noqa: E402
 
@@ -115,17 +115,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def open_data(config: TrainConfig) -> tuple[InputPlan, InputPlan]:
-    """The training and validation input: each split's index, built once here (from the
-    converter's manifest, or one scan of the tar headers; no image is opened), that the loader
-    actors of every replica share. Replica r reads a disjoint share of each epoch, with the same
-    number of batches as the others."""
-    common = dict(seed=config.seed, resize=config.resize, crop=config.image_size, num_classes=config.num_classes,
-                  max_bad_fraction=config.max_bad_fraction, num_threads=config.loader_threads,
-                  replicas=config.replicas)
-    lighting = config.variant if config.pca_lighting else None
-    train = ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting, **common)
-    val = ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views, **common)
-    return InputPlan(train, "train"), InputPlan(val, "val")
+    """The training and validation input (cluster/inputs.py `open_reader`), whose index the
+    loader actors of every replica share."""
+    return InputPlan(open_reader(config, "train"), "train"), InputPlan(open_reader(config, "val"), "val")
 
 
 def find_start(config: TrainConfig, train_data: InputPlan) -> Start:

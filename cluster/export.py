@@ -2,7 +2,10 @@
 
 RUN_DIR is a run dir (its newest complete checkpoint that verifies) or a checkpoint directory, a
 path or a URI (`s3://bucket/run?...`, cluster/ckpt/storage.py); OUT.pt is a local file, and its
-description goes to OUT.json (cluster/ckpt/consolidate.py says what each holds).
+description goes to OUT.json (cluster/ckpt/consolidate.py says what each holds): the model
+configuration and, for inference (`python -m cluster.predict`, `python -m cluster.infer`), the
+class table, input size, mean, preprocessing and precision. The class table comes from
+data.convert's manifest beside the run's shards, or from `--classes`.
 
 Exit status: 0 written, 2 no usable checkpoint (missing, incomplete, corrupt or inconsistent) or
 bad arguments.
@@ -26,6 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--format", dest="layout", choices=LAYOUTS, default="grouped",
                         help="`grouped` (default): conv1.weight ... fc8.bias, one network with groups=2 on "
                              "conv2, conv4, conv5; `reference`: towers.{t}.layers.{layer}... names")
+    parser.add_argument("--classes", metavar="FILE",
+                        help="the class table to record: a data.convert manifest.json or a synset file "
+                             "('wnid [name]' per line, class 0 first); default: the manifest beside the run's "
+                             "training shards, if there is one")
     return parser.parse_args(argv)
 
 
@@ -36,13 +43,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        description = export(args.source, args.out, args.layout)
+        description = export(args.source, args.out, args.layout, args.classes)
     except (CheckpointError, OSError, ValueError) as err:  # OSError: unreachable, or OUT cannot be written
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         return 2
     print(f"wrote {args.out} ({description['layout']} layout, {description['parameters']:,} parameters) "
           f"from step {description['step']} of {description['checkpoint']}; description in "
           f"{sidecar_path(args.out)}")
+    if description["note"]:
+        print(f"note: {description['note']}")
     return 0
 
 

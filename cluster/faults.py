@@ -26,6 +26,10 @@ would do. None is set in a normal run.
         A local atomic write (cluster/ckpt/storage.py) of a file whose path matches the fnmatch
         PATTERN writes half of its bytes to the temporary file, pauses SECONDS, then the rest
         (a test kills the writer in the pause).
+    ALEXNET_INJECT_INFER_KILL="BATCH:MARKER"
+        The `cluster.infer` inference actor that first finishes its BATCH-th batch (1-based,
+        counted by that actor) SIGKILLs itself before returning it, once (while MARKER does not
+        exist).
 """
 
 import fnmatch
@@ -37,6 +41,7 @@ HANG_ENV = "ALEXNET_INJECT_HANG"
 LOADER_HANG_ENV = "ALEXNET_INJECT_LOADER_HANG"
 INF_GRAD_ENV = "ALEXNET_INJECT_INF_GRAD"
 SLOW_WRITE_ENV = "ALEXNET_INJECT_SLOW_WRITE"
+INFER_KILL_ENV = "ALEXNET_INJECT_INFER_KILL"
 HANG_S = 300.0  # how long an injected hang sleeps: longer than any test's collective timeout
 
 
@@ -95,6 +100,15 @@ def slow_write_pause(path: str) -> float | None:
     if not seconds or not fnmatch.fnmatch(path, pattern):
         return None
     return float(seconds)
+
+
+def infer_kill_at(batches: int) -> bool:
+    """Whether INFER_KILL_ENV asks this inference actor to die, having finished `batches` batches."""
+    spec = os.environ.get(INFER_KILL_ENV, "")
+    if not spec:
+        return False
+    batch, marker = spec.split(":", 1)
+    return batches == int(batch) and _first_time(marker)
 
 
 def _first_time(marker: str) -> bool:

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 
+from cluster.config import TrainConfig
 from data.loader import DataError, IndexStats, ShardBatches
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,19 @@ class ReadCounts:
     @property
     def skipped(self) -> int:
         return sum(self.reasons.values())
+
+
+def open_reader(config: TrainConfig, split: str) -> ShardBatches:
+    """Replica 0's reader of `split` ("train" or "val"): its index, built once here (from the
+    converter's manifest, or one scan of the tar headers; no image is opened). Replica r reads a
+    disjoint share of each epoch, with the same number of batches as the others."""
+    common = dict(seed=config.seed, resize=config.resize, crop=config.image_size, num_classes=config.num_classes,
+                  max_bad_fraction=config.max_bad_fraction, num_threads=config.loader_threads,
+                  replicas=config.replicas)
+    if split == "train":
+        lighting = config.variant if config.pca_lighting else None
+        return ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting, **common)
+    return ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views, **common)
 
 
 class InputPlan:

@@ -13,6 +13,7 @@ from cluster.ckpt import checkpoint
 from cluster.ckpt.checkpointer import Checkpointer
 from cluster.config import TrainConfig
 from cluster.inputs import InputPlan
+from cluster.rank.report import EvalScores
 from cluster.telemetry.metrics import Metrics
 from cluster.telemetry.progress import Progress, format_duration
 from cluster.telemetry.step import StepSummary, Totals
@@ -104,16 +105,25 @@ def resume_point(directory: str, manifest: dict, train_data: InputPlan) -> Start
     return Start(position, state.get("schedule", {}), directory)
 
 
-def evaluate(workers, val_data: InputPlan, metrics: Metrics = Metrics()) -> tuple[float, float, float]:
-    """Mean loss, top-1 and top-5 accuracy over the whole validation split (centre crop, or the
-    ten views with --eval-views 10; padding rows weigh 0), from the loaders."""
-    scores = []
+def evaluate_scores(workers, val_data: InputPlan, metrics: Metrics = Metrics(),
+                    on_batch: Callable[[int, EvalScores], None] | None = None) -> EvalScores:
+    """The scores of the whole validation split (centre crop, or the ten views with --eval-views
+    10; padding rows weigh 0), from the loaders; `on_batch(batches done, total so far)` after each
+    batch (`python -m cluster.evaluate`'s progress bar)."""
+    total = EvalScores()
     for fed in workers.batches("val", 0, 0, val_data.batches_per_epoch):
         metrics.loaded(fed.reports)
         for report in fed.reports:
             val_data.add_bad(report.bad)
-        scores.append(workers.evaluate(fed.images, fed.labels, fed.weights))
-    total = sum(scores[1:], scores[0])
+        total = total + workers.evaluate(fed.images, fed.labels, fed.weights)
+        if on_batch is not None:
+            on_batch(fed.index + 1, total)
+    return total
+
+
+def evaluate(workers, val_data: InputPlan, metrics: Metrics = Metrics()) -> tuple[float, float, float]:
+    """Mean loss, top-1 and top-5 accuracy over the whole validation split (`evaluate_scores`)."""
+    total = evaluate_scores(workers, val_data, metrics)
     n = max(total.images, 1)
     return total.loss_sum / n, total.top1 / n, total.top5 / n
 

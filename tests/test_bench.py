@@ -84,3 +84,8 @@ def test_precision(tmp_path):
     # half the bytes, but for the sharded loss's few fp32 values (2 per image and tower)
     for half in ("bf16", "fp16"):
         assert 0.5 < rows[half]["exchange_bytes"] / rows["fp32"]["exchange_bytes"] < 0.51
+
+
+def test_inference(tmp_path):
+    out, result = run_bench("inference", tmp_path)
+    assert "ratio infer / plain" in out and result["ratio"] > 0 and result["images"] == 20

@@ -6,6 +6,7 @@
   - rank/ is what runs inside an actor: it imports Ray only inside functions, to ask for its node,
     and never launch/ or telemetry/;
   - ckpt/ and telemetry/ never import Ray nor launch/;
+  - serve/ (after training: evaluate, predict, infer) may use Ray and the mesh, never the driver;
   - launch/ and the top level (driver, trainer, the commands) may import anything.
 """
 
@@ -24,6 +25,7 @@ FORBIDDEN = {
     "cluster/ckpt": ("ray", "cluster.launch", "cluster.driver", "cluster.trainer"),
     "cluster/telemetry": ("ray", "cluster.launch", "cluster.driver", "cluster.trainer"),
     "cluster/launch": ("cluster.driver", "cluster.trainer"),
+    "cluster/serve": ("cluster.driver",),
     "cluster": (),
 }
 LAZY_RAY = "cluster/rank"  # may import ray inside a function, not at module level

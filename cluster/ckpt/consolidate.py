@@ -5,8 +5,10 @@ A checkpoint holds one shard per rank, each with its (stage, tower)'s layers. Th
 0's shards into the reference network's state (`consolidate`), converts it to the grouped layout
 (stages/grouped.py: `conv1.weight` (96, 3, 11, 11), ..., `fc8.weight` (1000, 4096), tower 0's
 channels and units first) and writes it with `torch.save` as a plain dict of tensors, atomically.
-Next to it, `OUT.json` records the model configuration, the source checkpoint and step, and each
-tensor's shape; `load_export` rebuilds either network from the two files.
+Next to it, `OUT.json` records the model configuration, the source checkpoint and step, each
+tensor's shape, and what inference needs (`inference_description`): the class table, the input
+size, the mean, the preprocessing and the precision. `load_export` rebuilds either network from the
+two files; cluster/serve/model.py reads exports of either format version.
 """
 
 import dataclasses
@@ -22,6 +24,7 @@ from torch import nn
 
 from cluster.ckpt import checkpoint, storage
 from cluster.ckpt.checkpoint import CheckpointError
+from data.classes import class_table_for_shards, read_class_table
 from data.normalize import MEAN_RGB
 from stages.config import ModelConfig
 from stages.grouped import grouped_from_state, reference_from_grouped, to_grouped
@@ -29,7 +32,10 @@ from stages.reference import TwoTowerAlexNet
 
 LAYOUTS = ("grouped", "reference")
 ARCHITECTURE = ("variant", "num_classes", "image_size")  # ModelConfig fields a manifest must give
-EXPORT_FORMAT = "alexnet-towers export v1"  # the sidecar's `format`
+EXPORT_FORMAT = "alexnet-towers export v2"  # the sidecar's `format`
+# v1 lacks the inference fields (classes, input_size, mean_rgb, preprocessing, precision)
+EXPORT_FORMATS = ("alexnet-towers export v1", EXPORT_FORMAT)
+PRECISION = "float32"  # the weights' and the network's arithmetic
 
 
 def model_config(manifest: dict) -> ModelConfig:
@@ -149,14 +155,65 @@ def _to_json(description: dict) -> str:
     return re.sub(r"\[\s*([\d,\s]+?)\s*\]", one_line, json.dumps(description, indent=1))
 
 
-def export(source: str, out: str, layout: str = "grouped") -> dict:
+def preprocessing(resize: int, crop: int) -> dict:
+    """How an image becomes the network's input (data/transforms.py EvalTransform, TenViewTransform
+    and normalize_batch): what training's evaluation did, so inference gets the same pixels."""
+    return {
+        "decode": "RGB, 8 bits per channel (data.transforms.decode_rgb)",
+        "resize_shorter": resize,
+        "centre_crop": resize,
+        "crop": crop,
+        "resize_filter": "antialiased bilinear on uint8 (torch), of the central square",
+        "mean_rgb": list(MEAN_RGB),
+        "scale": "0-255 RGB minus mean_rgb; no division",
+        "views": {"1": f"the centre {crop}x{crop} crop",
+                  "10": "the four corner and the centre crops and their horizontal flips, softmax averaged"},
+    }
+
+
+def class_table(manifest: dict, classes_file: str | None = None) -> tuple[list[dict] | None, str | None, str]:
+    """(table, where it came from, a note) for a checkpoint's manifest: `classes_file` (a
+    converter's or the demo's manifest.json, or a synset file) when given, else the manifest beside
+    the run's training (or validation) shards. A table that does not have num_classes entries is
+    an error when given, and left out (the note says why) when found."""
+    num_classes = model_config(manifest).num_classes
+    if classes_file:
+        table = read_class_table(classes_file)
+        if len(table) != num_classes:
+            raise ValueError(f"classes {classes_file} lists {len(table)} classes, the network has {num_classes}")
+        return table, os.path.abspath(classes_file), ""
+    saved = manifest.get(checkpoint.KEY_CONFIG, {})
+    for name in ("train_data", "val_data"):
+        found = class_table_for_shards(saved.get(name) or "")
+        if found is None:
+            continue
+        table, where = found
+        if len(table) == num_classes:
+            return table, where, ""
+        return None, None, f"{where} lists {len(table)} classes, the network has {num_classes}: no class table"
+    return None, None, "no data.convert manifest beside the run's shards: no class table (give --classes)"
+
+
+def inference_description(manifest: dict, classes_file: str | None = None) -> tuple[dict, str]:
+    """What inference needs of a checkpoint's network, as the export's JSON records it, and a note
+    (empty, or why there is no class table)."""
+    cfg = model_config(manifest)
+    resize = int(manifest.get(checkpoint.KEY_CONFIG, {}).get("resize", 256))
+    table, where, note = class_table(manifest, classes_file)
+    return {"input_size": cfg.image_size, "mean_rgb": list(MEAN_RGB), "preprocessing": preprocessing(resize, cfg.image_size),
+            "precision": PRECISION, "classes": table, "class_source": where}, note
+
+
+def export(source: str, out: str, layout: str = "grouped", classes_file: str | None = None) -> dict:
     """Write the network of `source` (a run dir or a checkpoint dir) to `out` in `layout`, and its
-    description to `sidecar_path(out)`; returns the description."""
+    description to `sidecar_path(out)`; returns the description (with `note`: empty, or why it has
+    no class table). `classes_file`: the class table (`class_table`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     directory = find_checkpoint(source)
     manifest, reference = consolidate(directory)
     cfg = model_config(manifest)
+    inference, note = inference_description(manifest, classes_file)
     state = to_grouped(reference, cfg) if layout == "grouped" else reference
     state = {name: tensor.contiguous() for name, tensor in state.items()}
     description = {
@@ -168,6 +225,7 @@ def export(source: str, out: str, layout: str = "grouped") -> dict:
         "epoch": manifest.get(checkpoint.KEY_EPOCH),
         "input": f"(b, 3, {cfg.image_size}, {cfg.image_size}) float32 RGB on the 0-255 scale minus the channel "
                  f"means {list(MEAN_RGB)} (data.normalize.normalize_batch); no other scaling",
+        **inference,
         "parameters": sum(t.numel() for t in state.values()),
         "tensors": {name: list(t.shape) for name, t in state.items()},
     }
@@ -176,7 +234,7 @@ def export(source: str, out: str, layout: str = "grouped") -> dict:
     torch.save(state, buffer)
     storage.open_storage(out).write_bytes(buffer.getbuffer())  # atomic: the old file or the whole new one
     storage.open_storage(sidecar_path(out)).write_bytes(_to_json(description).encode())
-    return description
+    return {**description, "note": note}
 
 
 def load_export(path: str, network: str = "grouped") -> nn.Module:

@@ -41,16 +41,16 @@ class LoadReport:
 
 class LoaderWorker:
     def __init__(self, readers: dict[str, ShardBatches], replica: int, loader: int, loaders: int):
-        """`readers`: replica 0's train and val readers (their index); this loader takes its
-        replica's copies."""
-        if set(readers) != set(SPLITS):
-            raise ValueError(f"readers must be {' and '.join(SPLITS)}, got {sorted(readers)}")
+        """`readers`: replica 0's train and val readers (their index), or only one of them (an
+        evaluation has no training split); this loader takes its replica's copies."""
+        if not readers or not set(readers) <= set(SPLITS):
+            raise ValueError(f"readers must be {' and/or '.join(SPLITS)}, got {sorted(readers)}")
         if not 0 <= loader < loaders:
             raise ValueError(f"loader {loader} is outside 0..{loaders - 1}")
         self.replica, self.loader, self.loaders = replica, loader, loaders
         self.readers = {split: reader.for_replica(replica) for split, reader in readers.items()}
         torch.set_num_threads(1)  # decoding threads are the reader's own (num_threads)
-        self._reported: dict[str, set[int]] = {split: set() for split in SPLITS}
+        self._reported: dict[str, set[int]] = {split: set() for split in readers}
 
     def where(self) -> dict:
         """This loader's node, address and process (the driver's placement table)."""

@@ -1,6 +1,8 @@
-"""Progress lines a person can read: step, epoch, loss, rate, train top-1 and ETA."""
+"""Progress lines a person can read: step, epoch, loss, rate, train top-1 and ETA; and a progress bar
+for the commands that go over a dataset once (evaluate, infer)."""
 
 import collections
+import sys
 import time
 
 RATE_WINDOW = 20  # steps over which images/s and the ETA are measured
@@ -79,3 +81,39 @@ class Progress:
         self.scored = self.hits = 0
         return (f"step {self.steps}/{self.total_steps} | epoch {epoch + 1}/{epochs} | loss {loss:.4f} | "
                 f"lr {lr:.3g} | {self.images_per_second:.1f} img/s{top1}{extra} | ETA {format_duration(self.eta())}")
+
+
+class ProgressBar:
+    """A progress bar on a stream (stderr): redrawn in place at most 4×/s on a terminal, else one
+    line every `log_every_s` seconds (logs, `ray job logs`), and always once at the end."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, total: int, unit: str, stream=None, log_every_s: float = 10.0,
+                 clock=time.monotonic):
+        self.label, self.total, self.unit, self.clock = label, max(total, 0), unit, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval = 0.25 if self.tty else log_every_s
+        self.started = self.last = clock()
+        self.done, self.extra = 0, ""
+
+    def update(self, done: int, extra: str = "", final: bool = False) -> None:
+        """`done` of `total` units, and what else to show (e.g. a rate or a running top-1)."""
+        self.done, self.extra = done, extra
+        now = self.clock()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        share = min(done / self.total, 1.0) if self.total else 1.0
+        filled = int(round(share * self.WIDTH))
+        elapsed = now - self.started
+        eta = format_duration(elapsed / share - elapsed) if 0 < share < 1 else "0s"
+        line = (f"{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{self.total} {self.unit} "
+                f"({100 * share:.0f}%){' | ' + extra if extra else ''} | {format_duration(elapsed)}, ETA {eta}")
+        self.stream.write(("\r" + line + "\x1b[K" if self.tty else line) + ("\n" if final or not self.tty else ""))
+        self.stream.flush()
+
+    def close(self, extra: str | None = None) -> None:
+        """The final line."""
+        self.update(self.done, self.extra if extra is None else extra, final=True)

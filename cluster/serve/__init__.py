@@ -1,0 +1,2 @@
+"""After training: serving the trained network (`python -m cluster.evaluate`, `cluster.predict`,
+`cluster.infer`)."""

@@ -6,7 +6,6 @@ a re-run) has every key exactly once; bad input is one line and exit 2.
 """
 
 import json
-import re
 import shutil
 import subprocess
 import sys

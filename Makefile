@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # `make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"`.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test test-fast bench clean-venv
 
 # pip also builds data._jpegroi (setup.py; needs gcc and libjpeg-dev, else the loader decodes
 # whole images, with a warning).
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml setup.py data/_jpegroi.c
 demo: $(STAMP)
 	$(PY) cluster/driver.py $(ARGS)
 
+# the whole suite, two workers (each test module in one), the ten slowest tests listed at the end
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10 $(ARGS)
+
+# the tests that start no Ray (tests/conftest.py fails one that does), in a couple of minutes
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not ray" -n 2 --dist loadgroup $(ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/tower_parallel.py $(ARGS)

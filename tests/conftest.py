@@ -70,3 +70,16 @@ def driver_never_starts_ray(monkeypatch):
 
     monkeypatch.setattr(cluster.driver, "ray_session", refuse)
     monkeypatch.setattr(cluster.driver, "ActorMesh", refuse)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request, monkeypatch):
+    """A test without the `ray` marker that starts Ray in this process fails (`make test-fast` must
+    stay Ray-free)."""
+    if request.node.get_closest_marker("ray") is None:
+        import ray
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray")
+
+        monkeypatch.setattr(ray, "init", refuse)

@@ -19,7 +19,7 @@ from cluster.telemetry.metrics import PHASES, SNAPSHOT_FILE
 from monitored import REQUIRE_ENV, monitored_run
 from raytools import REPO
 
-pytestmark = pytest.mark.xdist_group("monitored")  # one worker makes the shared run (tests/monitored.py)
+pytestmark = [pytest.mark.xdist_group("monitored"), pytest.mark.ray]  # one worker makes the shared run (tests/monitored.py), with Ray
 
 MONITORING = REPO / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "alexnet-towers.json"

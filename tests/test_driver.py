@@ -123,6 +123,7 @@ def _listeners_while_running(proc: subprocess.Popen) -> set:
     return seen
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_local_run_trains_checkpoints_and_listens_on_loopback_only(tiny_demo):
     with short_tmpdir("drv") as tmp:
@@ -164,6 +165,7 @@ def test_checkpoint_has_a_shard_per_rank_and_a_manifest(tiny_demo, tmp_path, cap
     assert ray.is_initialized()  # a Ray the driver found running is left as it was
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_actor_exception_surfaces_with_traceback_and_nonzero_exit(tiny_demo, tmp_path):
     # rank 1 raises at its third step while rank 0 waits for it in a collective: the driver must

@@ -18,6 +18,8 @@ from cluster import evaluate
 from cluster.export import main as export
 import serving
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 
 @pytest.fixture(scope="module")
 def run(tiny_demo, tmp_path_factory, local_ray):

@@ -20,6 +20,8 @@ from cluster.ckpt.storage import TMP_SUFFIX
 from test_driver import DRIVER, assert_nothing_left, tiny_run_args
 from test_resume import shard_tensors
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 COMMON = ["--epochs", "2", "--log-every", "1", "--checkpoint-every", "2", "--max-steps", "10"]
 
 

@@ -19,6 +19,8 @@ from cluster import evaluate, infer
 import serving
 from raytools import REPO, own_head, short_tmpdir, worker_node
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 
 @pytest.fixture(scope="module")
 def run(tiny_demo, tmp_path_factory, local_ray):

@@ -19,6 +19,8 @@ from cluster.driver import main
 from raytools import RAY_CLI, REPO, own_head, short_tmpdir
 from test_resume import shard_tensors
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 README_BLOCK = [
     ". .venv/bin/activate",
     "ray get-auth-token --generate > /dev/null",

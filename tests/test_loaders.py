@@ -19,6 +19,8 @@ from parity import small_config
 from test_driver import tiny_run_args
 from test_resume import shard_tensors
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 COMMON = ["--epochs", "1", "--log-every", "1", "--checkpoint-every", "3", "--no-report"]
 DECODED = re.compile(r"^decoded: (.*); the driver (\d+)$", re.MULTILINE)
 

@@ -30,6 +30,8 @@ import nettools
 from cluster.rank import rendezvous
 from raytools import REPO, RAY_CLI, head_env, own_head, short_tmpdir, stop_session
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 
 # Driver used by both tests: "init" mode starts a local Ray itself (importing
 # ray *before* apply_loopback_env, the harder case); "job" mode is the

@@ -20,7 +20,7 @@ from monitored import NAN_STEP, TOTAL_STEPS, monitored_run
 from prometheus_client.parser import text_string_to_metric_families
 from test_driver import tiny_run_args
 
-pytestmark = pytest.mark.xdist_group("monitored")  # one worker makes the shared run (tests/monitored.py)
+pytestmark = [pytest.mark.xdist_group("monitored"), pytest.mark.ray]  # one worker makes the shared run (tests/monitored.py), with Ray
 
 
 @pytest.fixture(scope="module")

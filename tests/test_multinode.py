@@ -20,6 +20,8 @@ from parity import assert_rel_close
 from raytools import REPO, own_head, short_tmpdir, worker_node
 from test_resume import shard_tensors
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 DRIVER = [sys.executable, str(REPO / "cluster" / "driver.py")]
 # A lost node is noticed in ~3 s instead of Ray's default ~30 s.
 FAST_HEALTH_CHECKS = {"RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_period_ms": "1000",

@@ -33,6 +33,8 @@ from data.normalize import normalize_batch
 from test_driver import tiny_run_args
 from test_resume import shard_tensors
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 SAME_PRECISION = {"updates": 1e-3, "grads": 1e-3}
 VS_FP32 = {"bf16": 0.35, "fp16": 0.25}  # measured: 0.28 and 0.15
 

@@ -17,6 +17,8 @@ from cluster import infer, predict
 from cluster.export import main as export
 import serving
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 
 @pytest.fixture(scope="module")
 def exported(tiny_demo, tmp_path_factory, local_ray):

@@ -15,7 +15,7 @@ from cluster.telemetry.plots import PLOTS, time_breakdown
 from monitored import TOTAL_STEPS, monitored_run
 from raytools import REPO
 
-pytestmark = pytest.mark.xdist_group("monitored")  # one worker makes the shared run (tests/monitored.py)
+pytestmark = [pytest.mark.xdist_group("monitored"), pytest.mark.ray]  # one worker makes the shared run (tests/monitored.py), with Ray
 
 
 @pytest.fixture(scope="module")

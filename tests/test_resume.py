@@ -13,6 +13,8 @@ from cluster.driver import main
 from cluster.ckpt.consolidate import consolidate_with_momentum
 from test_driver import tiny_run_args
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 STEP_LOSS = re.compile(r"^step (\d+)/\d+ \| epoch \d+/\d+ \| loss ([\d.]+)", re.MULTILINE)
 
 

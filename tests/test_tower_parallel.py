@@ -7,6 +7,8 @@ import torch
 from cluster.launch.actor_mesh import ActorMesh
 from parity import LRS, RTOL, assert_rel_close, batches, reference_evaluation, reference_run, small_config
 
+pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
+
 
 @pytest.mark.parametrize("towers, microbatches, variant", [
     (2, 1, "paper"),               # fc8 split 5/5: tower-sharded log-softmax

@@ -22,6 +22,7 @@ LR_SCALINGS = ("linear", "none")
 OVERLAP_CHOICES = ("auto", "on", "off")
 DEMO_DATA = "demo"
 MAX_LOADERS = 64  # per replica
+CPU_ISAS = ("auto", "avx2")
 METRICS_PORT = 9408  # the driver's Prometheus port (none of Ray's: 6379, 8265, 10001; its own metrics port is random)
 
 
@@ -75,6 +76,9 @@ class TrainConfig:
                                   "actors (tensor cores), fp32 on CPUs")
     grad_reduce_dtype: str = _opt("fp32", "dtype of the replicas' gradient all-reduce: fp32, or bf16 (half the bytes "
                                           "on the network; docs/SCALING.md)")
+    cpu_isa: str = _opt("auto", "CPU kernels of the tower actors' convolutions and matmuls (oneDNN): `auto`, the "
+                                "fastest each CPU has; `avx2`, AVX2 kernels only, so that CPUs with and without "
+                                "AVX-512 round alike and a run is bitwise the same on any x86-64 CPU with AVX2")
     tf32: bool = _opt(False, "let fp32 matmuls and convolutions on GPUs use TF32 tensor cores (10-bit mantissa: "
                              "off keeps fp32 runs fp32)")
     cudnn_benchmark: bool = _opt(True, "let cuDNN time its convolution algorithms for each shape once and keep the "
@@ -173,7 +177,8 @@ class TrainConfig:
             raise ConfigError(f"batch_size {self.batch_size} must be divisible by microbatches "
                               f"{self.microbatches}: allowed microbatches are divisors of the batch")
         self._check_choice(schedule=SCHEDULES, lr_schedule=LR_SCHEDULES, lr_scaling=LR_SCALINGS,
-                           overlap_allreduce=OVERLAP_CHOICES, precision=PRECISIONS, grad_reduce_dtype=REDUCE_DTYPES)
+                           overlap_allreduce=OVERLAP_CHOICES, precision=PRECISIONS, grad_reduce_dtype=REDUCE_DTYPES,
+                           cpu_isa=CPU_ISAS)
         if self.eval_views not in (1, 10):
             raise ConfigError(f"eval_views must be 1 or 10, got {self.eval_views}")
         if self.resize < self.image_size:

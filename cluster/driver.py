@@ -167,7 +167,9 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: InputPlan, v
         workers = ActorMesh(config, env, wait_for_nodes=restarts > 0, readers=readers)  # a lost node may come back
         print(f"placement:\n{workers.placement_table()}", flush=True)
         print(f"precision: {workers.precision}" + (" (--precision auto: bf16 on GPU actors, fp32 on CPUs)"
-                                                   if config.precision == "auto" else ""), flush=True)
+                                                   if config.precision == "auto" else "")
+              + ("; CPU kernels: AVX2 (--cpu-isa avx2)" if config.cpu_isa == "avx2" and not workers.uses_gpu else ""),
+              flush=True)
         print(f"loaders: {workers.placement.loaders} per replica × {config.loader_threads} thread(s)"
               + ("" if config.loaders_per_replica else " (--loaders-per-replica 0: as many as the stage-0 node's spare "
                                                        "CPUs feed; 1 when the actors train on CPUs)"), flush=True)

@@ -32,7 +32,7 @@ from cluster.launch import localnet
 from cluster.rank import rendezvous
 from cluster import faults
 from raytools import REPO
-from test_driver import DRIVER, assert_nothing_left, tiny_run_args
+from runs import DRIVER, assert_nothing_left, tiny_run_args
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 REQUIRE_ENV = "ALEXNET_REQUIRE_PROMETHEUS"

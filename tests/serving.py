@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from cluster.driver import main as train
 from data.shards import expand_shards, read_samples, write_shards
 from tartools import write_tar
-from test_driver import tiny_run_args
+from runs import tiny_run_args
 
 EPOCHS = 2
 

@@ -8,23 +8,13 @@ import pytest
 import torch
 
 from cluster.ckpt import checkpoint
-from cluster.config import TrainConfig
-from cluster.rank.pipeline import StepPlan
 from cluster.ckpt.reach import CHECK_FILE as STORAGE_CHECK
-from cluster.rank.worker import TowerWorker
 
-STEP = StepPlan("train", microbatches=1, rows=4, lr=0.01)  # one whole-batch step of 4 images
-
-
-def _worker() -> TowerWorker:
-    # one process holding both towers (no process group needed); 63×63 input keeps it quick
-    config = TrainConfig(recipe="test", num_classes=10, image_size=63, resize=63, dropout=0.0, batch_size=4,
-                         towers=1, train_data="unused", val_data="unused", seed=3, channels_last=False)
-    return TowerWorker(config, rank=0)
+from runs import STEP, one_process_worker
 
 
 def test_shard_round_trips_weights_and_momentum(tmp_path):
-    trained = _worker()
+    trained = one_process_worker()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 63, 63), dtype=torch.uint8, generator=g)
     trained.train_step(STEP, images, torch.tensor([0, 1, 2, 3]))
@@ -32,7 +22,7 @@ def test_shard_round_trips_weights_and_momentum(tmp_path):
     path = str(tmp_path / checkpoint.shard_file(0))
     assert entry == {"file": "rank00000.pt", "sha256": checkpoint.sha256_file(path), "bytes": os.path.getsize(path)}
 
-    restored = _worker()  # fresh init: differs until loaded
+    restored = one_process_worker()  # fresh init: differs until loaded
     restored.load(str(tmp_path))
     for (name, a), b in zip(trained.named_parameters().items(), restored.named_parameters().values()):
         assert torch.equal(a, b), name
@@ -53,11 +43,11 @@ def test_a_shard_carrying_code_is_refused(tmp_path):
     with open(tmp_path / checkpoint.shard_file(0), "wb") as f:
         torch.save({checkpoint.SHARD_MODEL: Payload()}, f)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        _worker().load(str(tmp_path))
+        one_process_worker().load(str(tmp_path))
 
 
 def test_an_asynchronous_save_holds_the_state_of_when_it_was_asked(tmp_path):
-    worker, twin = _worker(), _worker()
+    worker, twin = one_process_worker(), one_process_worker()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 63, 63), dtype=torch.uint8, generator=g)
     for w in (worker, twin):
@@ -78,7 +68,7 @@ def test_an_asynchronous_save_holds_the_state_of_when_it_was_asked(tmp_path):
 
 
 def test_an_actor_reports_whether_it_sees_the_run_dir(tmp_path):
-    worker = _worker()
+    worker = one_process_worker()
     (tmp_path / STORAGE_CHECK).write_text("token-1")
     seen = worker.check_storage(str(tmp_path), "token-1")
     assert seen.ok and (tmp_path / f"{STORAGE_CHECK}.rank0").read_text() == "token-1"

@@ -6,27 +6,21 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
 import ray
+import torch
 
 from cluster.ckpt import checkpoint
 import nettools
 from cluster.driver import main
 from cluster import faults
-from raytools import REPO, short_tmpdir
+from raytools import short_tmpdir
+from runs import DRIVER, assert_nothing_left, shard_tensors, tiny_run_args
 
-DRIVER = [sys.executable, str(REPO / "cluster" / "driver.py")]
 
 
-def tiny_run_args(demo, run_dir, *extra) -> list[str]:
-    # 72×72 images cropped to 64×64 (maps 15/7/3/1), 8-image batches: seconds per run. No report
-    # plots (a second of matplotlib a run) unless a test asks for them with --report.
-    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
-            "--image-size", "64", "--resize", "72", "--batch-size", "8", "--epochs", "1",
-            "--run-dir", str(run_dir), "--log-every", "2", "--no-report", *extra]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -105,12 +99,6 @@ def test_unreadable_shard_pattern_names_the_option(tmp_path, capsys, driver_neve
     assert err.startswith("error: train_data: ") and str(empty) in err and len(err.splitlines()) == 1
 
 
-def assert_nothing_left(pgid: int, grace_s: float = 15.0) -> None:
-    """Every process of the driver's session has exited (Ray's own take a moment after the driver)."""
-    deadline = time.monotonic() + grace_s
-    while (left := nettools.process_tree(pgids=[pgid])) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes left behind: {sorted(left)}"
 
 
 def _listeners_while_running(proc: subprocess.Popen) -> set:
@@ -238,3 +226,27 @@ def test_under_a_job_relative_shards_are_refused_in_one_line(tiny_demo, inside_a
     assert err == ("error: train_data 'shards/train-{000000..000001}.tar' is relative, and this job runs in Ray's "
                    f"temporary copy of the working directory ({inside_a_job}): pass an absolute path on storage "
                    "every node reaches")
+
+
+def _has_avx512() -> bool:
+    try:
+        return " avx512f " in f" {open('/proc/cpuinfo').read().split('flags', 1)[1].splitlines()[0]} "
+    except (OSError, IndexError):
+        return False
+
+
+def test_the_demo_pins_its_cpu_kernels(tiny_demo, tmp_path, capsys, shared_ray):
+    """The demo's figures are the same on CPUs with and without AVX-512: its recipe limits oneDNN
+    to AVX2 kernels in the actors. On an AVX-512 CPU that changes the rounding, so the weights
+    differ from a run on the CPU's own kernels (which is why two machines of one kind could
+    print different demo figures: docs/BENCHMARKS.md)."""
+    assert main(["--recipe", "demo", "--show-config", "--run-dir", str(tmp_path / "x")]) == 0
+    assert json.loads(capsys.readouterr().out)["cpu_isa"] == "avx2"
+    tensors = {}
+    for isa in ("avx2", "auto"):
+        assert main(tiny_run_args(tiny_demo, tmp_path / isa, "--max-steps", "2", "--cpu-isa", isa)) == 0
+        out = capsys.readouterr().out
+        assert ("CPU kernels: AVX2 (--cpu-isa avx2)" in out) == (isa == "avx2"), out
+        tensors[isa] = shard_tensors(tmp_path / isa / "checkpoint-00000002")
+    same = all(torch.equal(tensors["avx2"][n], tensors["auto"][n]) for n in tensors["auto"])
+    assert same != _has_avx512(), "AVX2 kernels must round differently from AVX-512 ones (and alike without)"

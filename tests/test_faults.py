@@ -17,8 +17,7 @@ import nettools
 from cluster.driver import main
 from cluster import faults
 from cluster.ckpt.storage import TMP_SUFFIX
-from test_driver import DRIVER, assert_nothing_left, tiny_run_args
-from test_resume import shard_tensors
+from runs import DRIVER, assert_nothing_left, shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 

@@ -17,7 +17,7 @@ import torch
 from cluster.ckpt import checkpoint
 from cluster.driver import main
 from raytools import RAY_CLI, REPO, own_head, short_tmpdir
-from test_resume import shard_tensors
+from runs import shard_tensors
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 

@@ -16,8 +16,7 @@ from cluster.telemetry.history import read_history
 from data.loader import ShardBatches, decoded_in_process
 from data.shards import expand_shards, read_samples, write_shards
 from parity import small_config
-from test_driver import tiny_run_args
-from test_resume import shard_tensors
+from runs import shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 

@@ -18,7 +18,7 @@ from cluster.telemetry.metrics import RESTART_CAUSES, SNAPSHOT_FILE, Exporter
 from cluster.telemetry.progress import Progress
 from monitored import NAN_STEP, TOTAL_STEPS, monitored_run
 from prometheus_client.parser import text_string_to_metric_families
-from test_driver import tiny_run_args
+from runs import tiny_run_args
 
 pytestmark = [pytest.mark.xdist_group("monitored"), pytest.mark.ray]  # one worker makes the shared run (tests/monitored.py), with Ray
 

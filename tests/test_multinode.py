@@ -18,7 +18,7 @@ from cluster.driver import main
 from cluster.ckpt.consolidate import consolidate
 from parity import assert_rel_close
 from raytools import REPO, own_head, short_tmpdir, worker_node
-from test_resume import shard_tensors
+from runs import shard_tensors
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 

@@ -30,8 +30,7 @@ from stages.loss import cross_entropy_reference
 from stages.optim import PaperSGD, set_lr
 from stages.reference import TwoTowerAlexNet
 from data.normalize import normalize_batch
-from test_driver import tiny_run_args
-from test_resume import shard_tensors
+from runs import shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 

@@ -11,28 +11,17 @@ import torch
 from cluster.ckpt import checkpoint
 from cluster.driver import main
 from cluster.ckpt.consolidate import consolidate_with_momentum
-from test_driver import tiny_run_args
+from runs import losses, shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
-STEP_LOSS = re.compile(r"^step (\d+)/\d+ \| epoch \d+/\d+ \| loss ([\d.]+)", re.MULTILINE)
 
 
-def losses(out: str) -> dict[int, str]:
-    return {int(step): loss for step, loss in STEP_LOSS.findall(out)}
 
 
-def shard_tensors(directory) -> dict[str, torch.Tensor]:
-    """Every tensor of every shard of checkpoint `directory` (a path, or a URI: cluster/ckpt/storage.py)."""
-    tensors = {}
-    for shard in checkpoint.read_manifest(str(directory))[checkpoint.KEY_SHARDS]:
-        state = checkpoint.load_shard(str(directory), shard["file"])
-        for name, value in state.get(checkpoint.SHARD_MODEL, {}).items():  # replica 0's shards only
-            tensors[f"{shard['file']}:{name}"] = value
-        for index, slot in state.get(checkpoint.SHARD_OPTIMIZER, {"state": {}})["state"].items():
-            tensors[f"{shard['file']}:velocity {index}"] = slot["velocity"]
-        tensors[f"{shard['file']}:rng"] = state[checkpoint.SHARD_RNG]
-    return tensors
+
+
+
 
 
 @pytest.mark.timeout(600)

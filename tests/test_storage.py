@@ -25,9 +25,7 @@ from cluster import export
 from cluster.ckpt import checkpoint, storage
 from cluster.driver import main
 from cluster.ckpt.reach import CHECK_FILE as STORAGE_CHECK
-from test_checkpoint import STEP, _worker
-from test_driver import tiny_run_args
-from test_resume import losses, shard_tensors
+from runs import STEP, losses, one_process_worker, shard_tensors, tiny_run_args
 
 BUCKET = "alexnet-runs"
 S3_ACCESS = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
@@ -225,14 +223,14 @@ def test_the_s3_server_refuses_other_credentials(s3, monkeypatch):
 
 def test_an_actor_saves_loads_and_checks_an_s3_run_dir(s3):
     run = s3.uri(f"actor-{uuid.uuid4().hex[:8]}")
-    trained = _worker()
+    trained = one_process_worker()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 3, 63, 63), dtype=torch.uint8, generator=g)
     trained.train_step(STEP, images, torch.tensor([0, 1, 2, 3]))
     assert trained.save(run, asynchronous=True) is None
     entry = trained.finish_save()
     assert entry == _entry_of(run)
-    restored = _worker()
+    restored = one_process_worker()
     restored.load(run)
     for (name, a), b in zip(trained.named_parameters().items(), restored.named_parameters().values()):
         assert torch.equal(a, b), name

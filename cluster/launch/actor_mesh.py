@@ -57,6 +57,8 @@ class ActorMesh:
             self.loaders = LoaderPool(self.groups, readers, self.placement.loaders, self.placement.loader_cpus,
                                       env_vars, self.config.prefetch, self.config.loader_timeout_s)
         worker_cls = ray.remote(TowerWorker)
+        if self.config.cpu_isa == "avx2":  # read by oneDNN when the actor's torch starts
+            env_vars = {**env_vars, "ONEDNN_MAX_CPU_ISA": "AVX2"}
         for rank in range(self.mesh.world_size):
             coord = self.mesh.coord(rank)
             strategy = PlacementGroupSchedulingStrategy(self.groups[coord.replica],

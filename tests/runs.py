@@ -1,0 +1,63 @@
+"""What many tests share: a seconds-long driver run's arguments, the driver as a command, its
+checkpoints' tensors and progress losses, and the check that a run left no process behind."""
+
+import re
+import sys
+import time
+
+import torch
+
+from cluster.ckpt import checkpoint
+from cluster.config import TrainConfig
+from cluster.rank.pipeline import StepPlan
+from cluster.rank.worker import TowerWorker
+from raytools import REPO
+import nettools
+
+DRIVER = [sys.executable, str(REPO / "cluster" / "driver.py")]
+STEP_LOSS = re.compile(r"^step (\d+)/\d+ \| epoch \d+/\d+ \| loss ([\d.]+)", re.MULTILINE)
+
+
+def tiny_run_args(demo, run_dir, *extra) -> list[str]:
+    # 72×72 images cropped to 64×64 (maps 15/7/3/1), 8-image batches: seconds per run. No report
+    # plots (a second of matplotlib a run) unless a test asks for them with --report. The CPU's own
+    # kernels (the demo recipe pins AVX2, test_the_demo_pins_its_cpu_kernels checks it), so that
+    # the actors need no runtime env of their own (half a second each) and compute as this process.
+    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
+            "--image-size", "64", "--resize", "72", "--batch-size", "8", "--epochs", "1",
+            "--run-dir", str(run_dir), "--log-every", "2", "--no-report", "--cpu-isa", "auto", *extra]
+
+
+def losses(out: str) -> dict[int, str]:
+    return {int(step): loss for step, loss in STEP_LOSS.findall(out)}
+
+
+def shard_tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of every shard of checkpoint `directory` (a path, or a URI: cluster/ckpt/storage.py)."""
+    tensors = {}
+    for shard in checkpoint.read_manifest(str(directory))[checkpoint.KEY_SHARDS]:
+        state = checkpoint.load_shard(str(directory), shard["file"])
+        for name, value in state.get(checkpoint.SHARD_MODEL, {}).items():  # replica 0's shards only
+            tensors[f"{shard['file']}:{name}"] = value
+        for index, slot in state.get(checkpoint.SHARD_OPTIMIZER, {"state": {}})["state"].items():
+            tensors[f"{shard['file']}:velocity {index}"] = slot["velocity"]
+        tensors[f"{shard['file']}:rng"] = state[checkpoint.SHARD_RNG]
+    return tensors
+
+
+def assert_nothing_left(pgid: int, grace_s: float = 15.0) -> None:
+    """Every process of the driver's session has exited (Ray's own take a moment after the driver)."""
+    deadline = time.monotonic() + grace_s
+    while (left := nettools.process_tree(pgids=[pgid])) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left behind: {sorted(left)}"
+
+
+STEP = StepPlan("train", microbatches=1, rows=4, lr=0.01)  # one whole-batch step of 4 images
+
+
+def one_process_worker() -> TowerWorker:
+    # one process holding both towers (no process group needed); 63×63 input keeps it quick
+    config = TrainConfig(recipe="test", num_classes=10, image_size=63, resize=63, dropout=0.0, batch_size=4,
+                         towers=1, train_data="unused", val_data="unused", seed=3, channels_last=False)
+    return TowerWorker(config, rank=0)

@@ -70,8 +70,10 @@ class LossScaler:
         """After backward (and the replicas' all-reduce): whether every rank's gradients are finite
         (all ranks take part, in the same order); if so, the gradients divided by the scale."""
         grads = [p.grad for p in parameters if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        flag = torch.tensor([0.0 if finite else 1.0], device=grads[0].device if grads else "cpu")
+        if grads:  # on the device: one host synchronisation below, not one per gradient
+            flag = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().reshape(1)
+        else:
+            flag = torch.zeros(1)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         finite = flag.item() == 0.0

@@ -11,11 +11,12 @@ TORCH_SPEC ?= torch==2.13.0
 
 # pip also builds data._jpegroi (setup.py; needs gcc and libjpeg-dev, else the loader decodes
 # whole images, with a warning).
-$(STAMP): pyproject.toml setup.py data/_jpegroi.c
+# constraints.txt pins what decides the demo's bytes and numbers (README: "The demo data").
+$(STAMP): pyproject.toml setup.py data/_jpegroi.c constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -97,6 +97,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         changes["resume"] = resolve_location("resume", config.resume)
     if config.train_data == DEMO_DATA or config.val_data == DEMO_DATA:
         demo = ensure_demo_dataset()
+        log.info("demo data: %s (sha256 of its shards %s)", demo.root, demo.digest[:16])
         if config.num_classes != len(demo.class_names):
             raise ConfigError(f"num_classes {config.num_classes} must be {len(demo.class_names)} "
                               f"for the demo data ({', '.join(demo.class_names)})")

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -77,6 +79,17 @@ class DemoDataset:
     class_names: tuple[str, ...]  # label i is class_names[i]
     num_train: int
     num_val: int
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of every shard's name and bytes, in order: what two machines compare (with the
+        versions of constraints.txt a fresh machine makes the digest README.md states)."""
+        total = hashlib.sha256()
+        for name in sorted(os.listdir(self.root)):
+            if name.endswith(".tar"):
+                with open(os.path.join(self.root, name), "rb") as f:
+                    total.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+        return total.hexdigest()
 
 
 def ensure_demo_dataset(
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train: {demo.num_train} images  {demo.train_pattern}")
     print(f"val:   {demo.num_val} images  {demo.val_pattern}")
     print(f"classes: {', '.join(demo.class_names)}")
+    print(f"sha256 of the shards: {demo.digest}")
 
 
 if __name__ == "__main__":

@@ -383,3 +383,21 @@ def test_data_imports_only_what_it_may() -> None:
                 root = name.split(".")[0]
                 assert root in ALLOWED | sys.stdlib_module_names, f"{path.name} imports {name}"
                 assert not name.startswith("torch.distributed"), f"{path.name} imports {name}"
+
+
+# The tiny demo's digest with the versions of constraints.txt (numpy, Pillow, simplejpeg,
+# scikit-image, webdataset): a fresh machine of this project's kind makes these very bytes.
+TINY_DEMO_DIGEST = "66f56bad20c535f97c75c4a2d06e14f5a68977acfe20d57ecc7174159ae21cc1"
+
+
+def test_the_demo_data_is_the_same_bytes_on_every_machine(tiny_demo):
+    """README "The demo data": the digest of the shards follows from the seed and the pinned
+    library versions alone (mtime 0 in the tars, every draw from numpy generators)."""
+    import importlib.metadata
+
+    pins = dict(line.split("==") for line in (Path(__file__).parents[1] / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    installed = {name: importlib.metadata.version(name) for name in pins if name != "torch"}
+    if any(installed[name] != pins[name] for name in installed):
+        pytest.skip(f"not the pinned versions of constraints.txt: {installed}")
+    assert tiny_demo.digest == TINY_DEMO_DIGEST

@@ -83,7 +83,7 @@ def placement_rows(out: str) -> list[list[str]]:
     """The rows (rank, replica, stage, tower, node, ...) of the first placement table printed:
     the 4 tower actors, then the loaders (rank L<replica>.<loader>)."""
     table = out.split("placement:\n", 1)[1].splitlines()[1:]
-    return [line.split() for line in table[:table.index(next(line for line in table if line.startswith("loaders:")))]]
+    return [line.split() for line in table[:table.index(next(line for line in table if line.startswith("precision:")))]]
 
 
 def wait_for(path, proc, timeout: float = 240) -> None:
@@ -145,11 +145,11 @@ def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_
 def test_a_lost_worker_node_that_does_not_come_back_stops_the_run_clearly(tiny_demo):
     with short_tmpdir("ml") as tmp, own_head(tmp, num_cpus=0, extra_env=FAST_HEALTH_CHECKS) as head, \
             worker_node(head, tmp, "node_a"), worker_node(head, tmp, "node_b") as node_b:
-        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--placement-timeout-s", "20"), tmp / "driver.log")
+        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--placement-timeout-s", "30"), tmp / "driver.log")
         wait_for(tmp / "run" / "checkpoint-00000002" / checkpoint.MANIFEST, proc)
         node_b.kill_raylet()
         proc.wait(timeout=300)
         out = (tmp / "driver.log").read_text()
     assert proc.returncode == 1, out[-4000:]
-    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 3\} on one node .* \(waited 20 s\)",
+    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 3\} on one node .* \(waited 30 s\)",
                      out), out[-4000:]

@@ -319,7 +319,7 @@ class RunMetrics(Metrics):
         finished = self._step == (result.epoch + 1) * self.steps_per_epoch
         record = totals.record()
         bad = {f"{split}/{reason}": n for split, reader in self.readers.items()
-               for reason, n in sorted(dict(reader.read_stats.reasons).items())}  # a copy: the prefetch thread adds
+               for reason, n in sorted(dict(reader.read_stats.reasons).items())}  # a copy: the counts go on growing
         self.history.write("epoch", step=self._step, epoch=result.epoch + 1, finished=finished, lr=self._lr,
                            train_loss=result.train_loss, train_top1_error=record["top1_error"],
                            train_top5_error=record["top5_error"], val_loss=result.val_loss,

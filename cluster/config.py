@@ -15,9 +15,10 @@ from cluster.plan.mesh import Mesh
 from cluster.plan.schedule import SCHEDULES
 from cluster.rank.precision import PRECISIONS, REDUCE_DTYPES
 from stages.config import ModelConfig
+from stages.optim import BIAS_LR_FACTOR_2012, RecordedSchedule
 from stages.split import BALANCE, Split, format_split, resolve_split
 
-LR_SCHEDULES = ("plateau", "milestones")
+LR_SCHEDULES = ("plateau", "milestones", "recorded")
 LR_SCALINGS = ("linear", "none")
 OVERLAP_CHOICES = ("auto", "on", "off")
 DEMO_DATA = "demo"
@@ -61,12 +62,29 @@ class TrainConfig:
     recipe: str = _opt("demo", "named recipe whose values the other flags override", choices=None)
 
     # --- model (PAPER.md §Architecture)
-    variant: str = _opt("paper", "`paper` (the text) or `cuda-convnet-2012` (the authors' code)")
+    variant: str = _opt("paper", "`paper` (the text) or `cuda-convnet-2012` (the authors' released code: LRN "
+                                 "before ReLU in conv1, rnorm after conv2, conv3-5 init N(0, 0.03), fc8 on tower "
+                                 "0; the biases learn at twice the weights' initial ε, kept while the weights' "
+                                 "drops, without weight decay)")
     num_classes: int = _opt(1000, "classes in the softmax; the demo data has its own count")
     image_size: int = _opt(224, "input crop side (224 in the paper)")
     resize: int = _opt(256, "shorter side the image is rescaled to, then centre-cropped square (256)")
     dropout: float = _opt(0.5, "dropout on fc6 and fc7 outputs; 0 turns it off")
+    dropout_style: str = _opt("paper", "`paper` (§4.2 and the 2012 code): the kept units unscaled in training, "
+                                       "outputs × (1 − dropout) at test; `inverted`: torch.nn.Dropout (kept units "
+                                       "× 1/(1 − dropout) in training, nothing at test)")
     lrn_impl: str = _opt("fast", "`fast` (exact, hand-written backward) or `torch` (nn.LocalResponseNorm)")
+    lrn_text_alpha: bool = _opt(False, "LRN with the paper text's literal α (not divided by n: PyTorch alpha 5e-4) "
+                                       "instead of the authors' code's α/n (alpha 1e-4)")
+    # the paper's ablations (§3.1-§3.4, Figure 1, §6; `python -m cluster.experiments` runs them)
+    activation: str = _opt("relu", "non-linearity after every conv and fc layer: `relu` (§3.1) or `tanh` "
+                                   "(Figure 1's saturating unit)")
+    lrn: str = _opt("on", "`on`: LRN after conv1 and conv2 (§3.3); `off`: neither, nor the 2012 variant's rnorm")
+    pooling: str = _opt("overlapping", "`overlapping`: 3×3 max-pools of stride 2 (§3.4); `non-overlapping`: 2×2 "
+                                       "of stride 2 (maps 55/27/13/6 at 224 either way)")
+    net: str = _opt("two-tower", "`two-tower` (the paper's) or `one-tower-half`: §3.2's one tower with half the "
+                                 "kernels in conv1-conv4 (48, 128, 192, 192), the full conv5 (256) and fc layers "
+                                 "(4096, 4096, 1000), no exchange; run it with --towers 1")
     channels_last: bool = _opt(True, "run convolutions in channels_last memory format (NHWC: what cuDNN's "
                                       "tensor-core kernels and oneDNN read without a transpose)")
 
@@ -132,7 +150,9 @@ class TrainConfig:
                                      "lr_batch, Goyal et al. 2017) or `none` (ε as given)")
     momentum: float = _opt(0.9, "momentum of the paper's update rule")
     weight_decay: float = _opt(0.0005, "weight decay of the paper's update rule")
-    lr_schedule: str = _opt("plateau", "`plateau`: ÷10 when validation error stalls; `milestones`: ÷10 at fixed epochs")
+    lr_schedule: str = _opt("plateau", "`plateau`: ÷10 when validation error stalls; `milestones`: ÷10 at fixed "
+                                       "epochs; `recorded` (cuda-convnet-2012): the 2012 run's log, ÷10 after epochs "
+                                       "25, 51, 79, conv1's ÷10 after 67 and 0 after 72, colour noise off after 67")
     lr_milestones: tuple[int, ...] = _opt((25, 51, 79), "epochs after which ε ÷ 10 (milestones schedule)")
     lr_patience: int = _opt(2, "epochs without validation improvement before ε ÷ 10 (plateau schedule)")
     lr_max_drops: int = _opt(3, "most learning-rate drops (the paper made three)")
@@ -179,6 +199,13 @@ class TrainConfig:
         self._check_choice(schedule=SCHEDULES, lr_schedule=LR_SCHEDULES, lr_scaling=LR_SCALINGS,
                            overlap_allreduce=OVERLAP_CHOICES, precision=PRECISIONS, grad_reduce_dtype=REDUCE_DTYPES,
                            cpu_isa=CPU_ISAS)
+        if self.lr_schedule == "recorded" and self.variant != "cuda-convnet-2012":
+            raise ConfigError("lr_schedule recorded is the cuda-convnet-2012 run's log (per-layer ε, colour noise "
+                              "off): use it with --variant cuda-convnet-2012, or --lr-schedule milestones "
+                              "--lr-milestones 25 51 79 for the paper's drops")
+        if self.net == "one-tower-half" and self.towers != 1:
+            raise ConfigError(f"net one-tower-half has one tower, so one process holds it: run it with --towers 1 "
+                              f"(got towers {self.towers})")
         if self.eval_views not in (1, 10):
             raise ConfigError(f"eval_views must be 1 or 10, got {self.eval_views}")
         if self.resize < self.image_size:
@@ -228,8 +255,20 @@ class TrainConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig(variant=self.variant, num_classes=self.num_classes, image_size=self.image_size,
-                           dropout=self.dropout, lrn_impl=self.lrn_impl)
+        """The network: every ModelConfig field is a field of this configuration, of the same name."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+    @property
+    def bias_lr(self) -> float | None:
+        """The biases' constant ε (the 2012 code's ε_B, twice the weights' initial ε); None: the
+        paper's one ε for every parameter."""
+        return BIAS_LR_FACTOR_2012 * self.scaled_lr if self.variant == "cuda-convnet-2012" else None
+
+    @property
+    def lighting_epochs(self) -> int | None:
+        """How many epochs from the start have PCA colour noise (the recorded 2012 schedule turned
+        it off after epoch 67); None: all of them."""
+        return RecordedSchedule.COLOUR_NOISE_EPOCHS if self.lr_schedule == "recorded" else None
 
     @property
     def split(self) -> Split:

@@ -31,10 +31,13 @@ from cluster.launch.session import (RUNS_ENV, durable_root, failure_cause, job_w
 from cluster.recipes import RECIPES, build_config  # noqa: E402
 from cluster.inputs import InputPlan, open_reader  # noqa: E402
 from cluster.telemetry.metrics import Metrics, RunMetrics  # noqa: E402
-from cluster.trainer import NonFiniteLoss, Start, TrainResult, resume_point, total_steps, train  # noqa: E402
+from cluster.trainer import (NonFiniteLoss, Start, TrainResult, describe_schedule, resume_point,  # noqa: E402
+                             total_steps, train)
 from data.demo import ensure_demo_dataset  # noqa: E402
 from data.loader import DataError, decoded_in_process  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
+from stages.config import SWITCHES  # noqa: E402
+from stages.reference import parameter_count  # noqa: E402
 from stages.split import layer_costs, split_table  # noqa: E402
 
 log = logging.getLogger("cluster.driver")
@@ -205,6 +208,18 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: InputPlan, v
             workers.shutdown()
 
 
+def network_line(config: TrainConfig) -> str:
+    """The network and its parameter count; the one-tower comparison net's beside the two-tower
+    net's of the same configuration (§3.2 calls them about the same)."""
+    model = config.model_config
+    line = f"network: {model.net} ({model.variant} variant), {parameter_count(model):,} parameters"
+    if model.net != "two-tower":
+        line += f" (the two-tower net: {parameter_count(dataclasses.replace(model, net='two-tower')):,})"
+    changed = [f"{name} {getattr(model, name)}" for name, choices in SWITCHES.items()
+               if getattr(model, name) != choices[0]]
+    return line + (f"; not the paper's: {', '.join(changed)}" if changed else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -216,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.show_config:
-        print(json.dumps(config.to_dict(), indent=1, default=list))
+        derived = {"parameters": parameter_count(config.model_config), "initial_lr": config.scaled_lr,
+                   "bias_lr": config.bias_lr, "lr_schedule": describe_schedule(config)}
+        print(json.dumps({**config.to_dict(), "derived": derived}, indent=1, default=list))
         return 0
     total = total_steps(config, train_data)
     if start.step >= total:
@@ -227,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recipe {config.recipe}: {config.mesh.describe()}; run dir {config.run_dir}"
           + (f" (a Ray job's relative run dir goes under ${RUNS_ENV} or ~/alexnet-towers, not under Ray's "
              f"temporary copy of the working directory)" if durable else ""), flush=True)
+    print(network_line(config), flush=True)
     if config.replicas > 1 or config.scaled_lr != config.lr:
         print(f"global batch {config.global_batch} ({config.replicas} × {config.batch_size}); initial ε "
               f"{config.scaled_lr:g} ({config.lr:g} per {config.lr_batch} images, {config.lr_scaling} scaling)",

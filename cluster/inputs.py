@@ -40,7 +40,8 @@ def open_reader(config: TrainConfig, split: str) -> ShardBatches:
                   replicas=config.replicas)
     if split == "train":
         lighting = config.variant if config.pca_lighting else None
-        return ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting, **common)
+        return ShardBatches(config.train_data, config.batch_size, train=True, lighting=lighting,
+                            lighting_epochs=config.lighting_epochs, **common)
     return ShardBatches(config.val_data, config.batch_size, train=False, views=config.eval_views, **common)
 
 

@@ -1,6 +1,7 @@
 """Named runs. A recipe is a function returning a TrainConfig; command-line flags override fields."""
 
 from cluster.config import ConfigError, TrainConfig
+from stages.optim import RecordedSchedule
 
 
 def alexnet_2012() -> TrainConfig:
@@ -16,6 +17,16 @@ def alexnet_2012() -> TrainConfig:
         train_data="imagenet/train-{000000..001023}.tar", val_data="imagenet/val-{000000..000049}.tar",
         run_dir="runs/alexnet_2012", log_every=20,
     )
+
+
+def cuda_convnet_2012() -> TrainConfig:
+    """ImageNet as the authors' released code ran it (PAPER.md, last section; layers/layers-145.cfg
+    and layers/layer-params-145.cfg of AlexNet-Source-Code): the `cuda-convnet-2012` network and
+    PCA noise; the biases at ε_B = 0.02 without weight decay; the run's recorded schedule (ε ÷ 10
+    after epochs 25, 51 and 79; conv1's ÷ 10 and colour noise off after 67; conv1 frozen after
+    72); 91 epochs. The rest is alexnet_2012's."""
+    return alexnet_2012().replace(recipe="cuda_convnet_2012", variant="cuda-convnet-2012", lr_schedule="recorded",
+                                  epochs=RecordedSchedule.EPOCHS, run_dir="runs/cuda_convnet_2012")
 
 
 def demo() -> TrainConfig:
@@ -36,7 +47,7 @@ def demo() -> TrainConfig:
     )
 
 
-RECIPES = {"alexnet_2012": alexnet_2012, "demo": demo}
+RECIPES = {"alexnet_2012": alexnet_2012, "cuda_convnet_2012": cuda_convnet_2012, "demo": demo}
 
 
 def build_config(recipe: str, **overrides) -> TrainConfig:

@@ -18,7 +18,8 @@ from cluster.telemetry.metrics import Metrics
 from cluster.telemetry.progress import Progress, format_duration
 from cluster.telemetry.step import StepSummary, Totals
 from cluster.telemetry.timeline import format_summary, write_trace
-from stages.optim import MilestoneSchedule, PlateauSchedule
+from stages.optim import MilestoneSchedule, PlateauSchedule, Rates, RecordedSchedule
+from stages.tower import LAYERS
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,42 @@ class NonFiniteLoss(RuntimeError):
 def make_schedule(config: TrainConfig):
     if config.lr_schedule == "milestones":
         return MilestoneSchedule(config.scaled_lr, milestones=config.lr_milestones)
+    if config.lr_schedule == "recorded":
+        return RecordedSchedule(config.scaled_lr)
     return PlateauSchedule(config.scaled_lr, patience=config.lr_patience, max_drops=config.lr_max_drops)
+
+
+def _rates_text(rates: Rates) -> str:
+    """`weights ε 0.0001 (conv1 1e-05), biases ε 0.02 (conv1 0)`: every group's ε."""
+    def exceptions(kind: str, default: float) -> str:
+        odd = [f"{layer} {rates.of(layer, kind):g}" for layer in LAYERS if rates.of(layer, kind) != default]
+        return f" ({', '.join(odd)})" if odd else ""
+
+    text = f"weights ε {rates.weights:g}{exceptions('weight', rates.weights)}"
+    if rates.biases is not None:
+        text += f", biases ε {rates.biases:g}{exceptions('bias', rates.biases)}"
+    return text
+
+
+def describe_schedule(config: TrainConfig) -> list[str]:
+    """The run's ε of every parameter group, and its colour noise, epoch by epoch (1-based), one
+    line per run of epochs that share them: what `--show-config` prints. The plateau schedule's
+    drops depend on the validation error, so it gives its first epoch's and the rule."""
+    schedule = make_schedule(config)
+    if config.lr_schedule == "plateau":
+        return [f"from epoch 1: {_rates_text(schedule.rates(config.bias_lr))}, colour noise "
+                f"{'on' if config.pca_lighting else 'off'}; the weights' ε ÷ 10 when the validation error has not "
+                f"improved for {config.lr_patience} epochs, at most {config.lr_max_drops} times"]
+    rows: list[tuple[int, int, str]] = []  # (first epoch, last epoch, what they share)
+    for epoch in range(config.epochs):
+        noise = config.pca_lighting and (config.lighting_epochs is None or epoch < config.lighting_epochs)
+        text = f"{_rates_text(schedule.rates(config.bias_lr))}, colour noise {'on' if noise else 'off'}"
+        if rows and rows[-1][2] == text:
+            rows[-1] = (rows[-1][0], epoch + 1, text)
+        else:
+            rows.append((epoch + 1, epoch + 1, text))
+        schedule.end_epoch(epoch, 0.0)
+    return [f"epoch{'s' if a != b else ''} {a}{f'–{b}' if a != b else ''}: {text}" for a, b, text in rows]
 
 
 @dataclasses.dataclass
@@ -175,14 +211,16 @@ class _Loop:
 
 def _train_epoch(loop: _Loop, at: Position) -> Position:
     """The steps of `at.epoch` from `at.batch` on, until the epoch or the run's steps end."""
-    config, workers, lr = loop.config, loop.workers, loop.schedule.lr
+    config, workers = loop.config, loop.workers
+    rates = loop.schedule.rates(config.bias_lr)  # every parameter group's ε this epoch
+    lr = rates.weights
     last = min(loop.train_data.batches_per_epoch, at.batch + loop.total - at.step)  # no batch past the run
     tick = time.perf_counter()  # the end of the previous step: loop time counts from here
     for fed in workers.batches("train", at.epoch, at.batch, last):
         loop.metrics.loaded(fed.reports)
         for report in fed.reports:
             loop.train_data.add_bad(report.bad)  # DataError past --max-bad-fraction
-        reports = workers.train_step(fed.images, fed.labels, lr, fed.lighting, step=at.step + 1)
+        reports = workers.train_step(fed.images, fed.labels, lr, fed.lighting, step=at.step + 1, rates=rates)
         now = time.perf_counter()
         summary = StepSummary.reduce(reports, config.mesh, step=at.step + 1, epoch=at.epoch, lr=lr,
                                      data_wait=fed.data_wait, loop_seconds=now - tick)

@@ -47,7 +47,8 @@ evaluation visits ``range(N)`` in index order. Replica ``r`` of ``R`` takes posi
 **Augmentation.** Sample ``index`` in epoch ``epoch`` draws from
 ``numpy.random.default_rng([seed, epoch, index])`` in a fixed order: the crop (top, left, flip,
 :class:`TrainTransform`), then the PCA colour offset (:func:`pca_lighting_offset`) when lighting
-is on. Since ``index`` is global, a sample's view does not depend on the batch size, the replica
+is on in that epoch (``lighting_epochs`` can turn it off from an epoch on, as the 2012 run did;
+the offset is drawn last, so the crops do not change). Since ``index`` is global, a sample's view does not depend on the batch size, the replica
 count, the thread count or the resume point. The crop is drawn before the image is decoded, so
 that only the part of the image the view needs is decoded (:meth:`TrainTransform.from_jpeg`,
 libjpeg-turbo's region decode in the extension ``data._jpegroi``); that part is bit for bit
@@ -295,6 +296,7 @@ class ShardBatches:
         replica: int = 0,
         replicas: int = 1,
         lighting: str | None = "paper",
+        lighting_epochs: int | None = None,
         views: int = 1,
         num_classes: int | None = None,
         max_bad_fraction: float = 0.001,
@@ -313,6 +315,9 @@ class ShardBatches:
             replicas: Data-parallel replicas; each reads a disjoint share of every epoch.
             lighting: PCA colour noise variant (``"paper"``, ``"cuda-convnet-2012"``) or None;
                 only used when training.
+            lighting_epochs: The colour noise is on in epochs ``0 .. lighting_epochs - 1`` only
+                (the 2012 run turned it off after epoch 67); None: in every epoch. A per-epoch
+                decision, so a batch stays a function of (seed, epoch, replica, batch).
             views: Evaluation views: 1 (centre crop) or 10 (corners, centre and their flips).
             num_classes: When given, a label outside ``[0, num_classes)`` is a bad sample.
             max_bad_fraction: Largest tolerated share of bad samples, in [0, 1].
@@ -329,6 +334,8 @@ class ShardBatches:
             raise ValueError(
                 f"lighting must be None or one of {', '.join(LIGHTING_VARIANTS)}, got {lighting!r}"
             )
+        if lighting_epochs is not None:
+            _check_int("lighting_epochs", lighting_epochs, 0)
         if views not in (1, 10):
             raise ValueError(f"views must be 1 or 10, got {views!r}")
         if train and views != 1:
@@ -342,6 +349,7 @@ class ShardBatches:
         self.pattern, self.batch_size, self.train, self.seed = pattern, batch_size, train, seed
         self.replica, self.replicas = replica, replicas
         self.lighting = lighting if train else None
+        self.lighting_epochs = lighting_epochs
         self.views, self.num_classes = views, num_classes
         self.max_bad_fraction, self.num_threads = float(max_bad_fraction), num_threads
         self.resize, self.crop = resize, crop
@@ -613,7 +621,7 @@ class ShardBatches:
         used = torch.tensor([index for index, _, _ in rows], dtype=torch.int64)  # (B,)
         labels = torch.where(used >= 0, self._labels[used.clamp(min=0)], 0)  # (B,)
         lighting = None
-        if self.lighting is not None:
+        if self.lighting_in(epoch) is not None:
             lighting = torch.from_numpy(np.stack([shift for _, shift, _ in rows]))  # (B, 3)
         weights = torch.tensor([w for _, _, w in rows], dtype=torch.float32)  # (B,)
         return Batch(
@@ -652,8 +660,15 @@ class ShardBatches:
                 f"{self.pattern!r}: no sample decodes ({self.read_stats.summary()}); "
                 f"max_bad_fraction={self.max_bad_fraction:g} let it get this far"
             )
-        shift = pca_lighting_offset(rng, self.lighting) if self.lighting is not None else None
+        variant = self.lighting_in(epoch)  # drawn last: without it the crop's draws are the same
+        shift = pca_lighting_offset(rng, variant) if variant is not None else None
         return index, shift, 1.0
+
+    def lighting_in(self, epoch: int) -> str | None:
+        """The PCA colour noise variant of epoch ``epoch``'s batches, or None for none."""
+        if self.lighting_epochs is not None and epoch >= self.lighting_epochs:
+            return None
+        return self.lighting
 
     def _decode(self, index: int, decode: Callable[[bytes], _T]) -> _T | None:
         """``decode`` of sample ``index``'s image bytes; None when they cannot be read or

@@ -23,6 +23,10 @@ each group of channels separately (`PerGroup`). Each layer's pieces and their or
 `to_grouped` / `from_grouped` convert between this network's parameter names (`conv1.weight`,
 ..., `fc8.bias`) and the reference's (`towers.{t}.layers.{layer}.{conv|fc}.{weight|bias}`):
 each grouped tensor is the towers' tensors stacked along dim 0 (output channels or units).
+
+The one-tower comparison net (`net` = one-tower-half) is its own one-group network: conv2
+(128, 48, 5, 5), conv3 (192, 128, 3, 3), conv4 (192, 192, 3, 3), conv5 (256, 192, 3, 3), fc6
+(4096, 9216), fc7 (4096, 4096), fc8 (1000, 4096).
 """
 
 from collections import OrderedDict
@@ -33,7 +37,7 @@ from torch import Tensor, nn
 from stages.config import TOWERS, ModelConfig
 from stages.lrn import CrossMapLRN
 from stages.reference import TwoTowerAlexNet
-from stages.tower import CROSS_LAYERS, LAYERS, WIDTH, build_layer
+from stages.tower import CROSS_LAYERS, LAYERS, build_layer, widths
 
 # Layers whose input is the tower's own maps: one grouped convolution, a group per tower.
 GROUPED_LAYERS = tuple(name for name in LAYERS[1:] if name not in CROSS_LAYERS)  # conv2, conv4, conv5
@@ -62,7 +66,7 @@ def _learned_name(layer: str) -> str:
 
 def tower_widths(layer: str, cfg: ModelConfig) -> tuple[int, ...]:
     """Output channels or units of each tower's `layer`: its rows of the grouped weight, in order."""
-    return cfg.fc8_split if layer == "fc8" else (WIDTH[layer],) * TOWERS
+    return cfg.fc8_split if layer == "fc8" else (widths(cfg)[layer],) * cfg.towers
 
 
 def _grouped_learned(layer: str, tower_learned: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -71,7 +75,7 @@ def _grouped_learned(layer: str, tower_learned: nn.Module, cfg: ModelConfig) -> 
     out = sum(tower_widths(layer, cfg))
     if isinstance(tower_learned, nn.Linear):
         return nn.Linear(tower_learned.in_features, out)
-    groups = TOWERS if layer in GROUPED_LAYERS else 1
+    groups = cfg.towers if layer in GROUPED_LAYERS else 1
     return nn.Conv2d(tower_learned.in_channels * groups, out, tower_learned.kernel_size,
                      stride=tower_learned.stride, padding=tower_learned.padding, groups=groups)
 
@@ -94,7 +98,7 @@ class GroupedAlexNet(nn.Module):
             if names[:names.index(learned)] not in ([], ["flatten"]):
                 raise AssertionError(f"{layer}: unexpected pieces before its {learned}: {names}")
             after[layer] = nn.Sequential(OrderedDict(
-                (name, PerGroup(part) if isinstance(part, _CROSS_MAP) else part)
+                (name, PerGroup(part, cfg.towers) if isinstance(part, _CROSS_MAP) else part)
                 for name, part in block.named_children() if name not in ("flatten", learned)))
         self.after = nn.ModuleDict(after)  # everything after each learned layer; no parameters
 
@@ -128,10 +132,10 @@ def _check_keys(state: dict, expected: list[str], what: str) -> None:
 def to_grouped(reference_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Reference names (`towers.{t}.layers.{layer}.{conv|fc}.{param}`) -> grouped names
     (`{layer}.{param}`): the towers' tensors stacked along dim 0, tower 0's first."""
-    _check_keys(reference_state, [_reference_key(t, layer, p) for t in range(TOWERS) for layer in LAYERS
+    _check_keys(reference_state, [_reference_key(t, layer, p) for t in range(cfg.towers) for layer in LAYERS
                                   for p in PARAMS], "reference")
     return {f"{layer}.{param}": torch.cat([reference_state[_reference_key(t, layer, param)]
-                                           for t in range(TOWERS)], dim=0)
+                                           for t in range(cfg.towers)], dim=0)
             for layer in LAYERS for param in PARAMS}
 
 
@@ -140,7 +144,7 @@ def from_grouped(grouped_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str
     (fc8: `cfg.fc8_split`). The pieces are copies, so saving one does not save the whole."""
     _check_keys(grouped_state, [f"{layer}.{param}" for layer in LAYERS for param in PARAMS], "grouped")
     state = {}
-    for t in range(TOWERS):
+    for t in range(cfg.towers):
         for layer in LAYERS:
             for param in PARAMS:
                 whole = grouped_state[f"{layer}.{param}"]

@@ -63,7 +63,10 @@ def sharded_view_average(logits: Tensor, views: int, exchange: Exchange) -> Tens
     log_probs = logits - torch.logsumexp(lse, dim=1, keepdim=True)
     if views == 1:
         return log_probs
-    return log_probs.reshape(-1, views, logits.shape[1]).logsumexp(dim=1) - math.log(views)
+    # the image count, not -1: a tower with no classes (the 2012 code's fc8 on tower 0) has
+    # (b·views, 0) logits, which no -1 could be inferred from
+    images = logits.shape[0] // views
+    return log_probs.reshape(images, views, logits.shape[1]).logsumexp(dim=1) - math.log(views)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The paper's momentum SGD (§5) and its learning-rate schedules.
+"""The paper's momentum SGD (§5), its parameter groups, and the learning-rate schedules.
 
     v ← momentum·v − weight_decay·ε·w − ε·∂L/∂w
     w ← w + v
@@ -6,12 +6,25 @@
 ε sits inside the velocity. `torch.optim.SGD` keeps ε outside (v ← m·v + g + wd·w; w ← w − ε·v):
 the two agree while ε is constant and differ at every learning-rate drop, where the paper's rule
 keeps the velocity built with the old ε and torch's rescales it at once.
+
+Parameter groups (`param_groups`). The paper's variant has one: one ε and weight decay for every
+parameter (§5). The authors' 2012 code (`cuda-convnet-2012`; layers/layer-params-145.cfg) gives
+each layer's weights and biases their own ε — `epsW` and `epsB` — and weight decay to the weights
+only (`wc`; src/layer.cu builds the bias `Weights` with wc = 0): the biases learn at ε_B = 0.02,
+twice the weights' initial 0.01 (`BIAS_LR_FACTOR_2012`), and keep it while the weights' ε drops.
+A step's ε of every group is one `Rates` value, which the driver hands every actor with the step.
+A group whose ε is 0 is frozen: it is not updated at all, its velocity kept (cuda-convnet's
+`Weights::update` skips a layer whose rate is 0), so conv1 stops at once when the 2012 run froze it.
 """
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
+
+PARAM_KINDS = ("weight", "bias")
+BIAS_LR_FACTOR_2012 = 2.0  # epsB / the initial epsW in layer-params-145.cfg: 0.02 / 0.01
 
 
 class PaperSGD(Optimizer):
@@ -29,6 +42,8 @@ class PaperSGD(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            if lr == 0.0:  # frozen: no step, the velocity kept (see the module docstring)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -41,13 +56,80 @@ class PaperSGD(Optimizer):
         return loss
 
 
+def layer_and_kind(name: str) -> tuple[str, str]:
+    """`towers.0.layers.conv1.conv.weight` (or a HalfTower's `layers.conv1.conv.weight`) →
+    ("conv1", "weight")."""
+    parts = name.split(".")
+    if "layers" not in parts[:-1] or parts[-1] not in PARAM_KINDS:
+        raise ValueError(f"{name!r} is not a tower parameter (…layers.LAYER….weight or .bias)")
+    return parts[parts.index("layers") + 1], parts[-1]
+
+
+def param_groups(model: nn.Module, variant: str) -> list[dict]:
+    """The optimizer's groups for `model` (a HalfTower or TwoTowerAlexNet, whole or a stage).
+
+    paper: one group of every parameter, as `PaperSGD(model.parameters())` makes. 2012 code: one
+    group per parameter tensor, labelled with its `layer` and `kind`, the biases' without weight
+    decay. One tensor a group keeps the optimizer's state in the model's parameter order, which
+    checkpoints and their consolidation index it by."""
+    if variant == "paper":
+        return [{"params": list(model.parameters())}]
+    groups = []
+    for name, param in model.named_parameters():
+        layer, kind = layer_and_kind(name)
+        groups.append({"params": [param], "layer": layer, "kind": kind,
+                       **({"weight_decay": 0.0} if kind == "bias" else {})})
+    return groups
+
+
+@dataclass(frozen=True)
+class Rates:
+    """ε of every parameter group for one step.
+
+    weights: the weights' ε, and the paper variant's one ε for all;
+    biases: the biases' ε (the 2012 code's ε_B), or None for the weights' own;
+    layers: (layer, its weights' ε) for the layers whose weights' ε differs (the recorded 2012
+        schedule's conv1). A layer whose weights' ε is 0 is frozen, its biases too (the final
+        layer-params-145.cfg has epsW = epsB = 0 on conv1)."""
+
+    weights: float
+    biases: float | None = None
+    layers: tuple[tuple[str, float], ...] = ()
+
+    def of(self, layer: str, kind: str) -> float:
+        """ε of `layer`'s weights or biases (`kind`)."""
+        weights = dict(self.layers).get(layer, self.weights)
+        if kind == "weight" or self.biases is None:
+            return weights
+        return 0.0 if weights == 0.0 else self.biases
+
+
+def set_rates(optimizer: Optimizer, rates: Rates) -> None:
+    """Each group's ε from `rates`: a labelled group (`param_groups`, 2012 code) its layer's and
+    kind's, the paper's one group the weights' ε."""
+    for group in optimizer.param_groups:
+        group["lr"] = rates.of(group["layer"], group["kind"]) if "layer" in group else rates.weights
+
+
 def set_lr(optimizer: Optimizer, lr: float) -> None:
+    """One ε for every group."""
     for group in optimizer.param_groups:
         group["lr"] = lr
 
 
+class _Schedule:
+    """What every schedule gives for the next epoch: `lr`, the weights' ε, and `layer_lrs`, the
+    layers whose weights' ε differs from it (only the recorded 2012 schedule has any)."""
+
+    layer_lrs: tuple[tuple[str, float], ...] = ()
+
+    def rates(self, bias_lr: float | None = None) -> Rates:
+        """The next epoch's ε of every group; `bias_lr`: the biases' (None: the weights')."""
+        return Rates(self.lr, bias_lr, self.layer_lrs)
+
+
 @dataclass
-class PlateauSchedule:
+class PlateauSchedule(_Schedule):
     """ε ÷ `factor` when validation error has not improved for `patience` epochs (§5), at most
     `max_drops` times (the paper reduced it three times)."""
 
@@ -82,7 +164,7 @@ class PlateauSchedule:
 
 
 @dataclass
-class MilestoneSchedule:
+class MilestoneSchedule(_Schedule):
     """ε ÷ `factor` after each listed epoch; (25, 51, 79) reproduces the original run (PAPER.md §5)."""
 
     base_lr: float
@@ -103,3 +185,29 @@ class MilestoneSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.epochs_done = state["epochs_done"]
+
+
+@dataclass
+class RecordedSchedule(MilestoneSchedule):
+    """The 2012 run's recorded changes, from the log at the end of layers/layer-params-145.cfg,
+    each after the epoch it is logged at (as `MilestoneSchedule`'s milestones, which it extends):
+
+        epoch 25: weights' ε ÷ 10 (0.01 → 0.001)        epoch 51: ÷ 10 (→ 0.0001)
+        epoch 67: conv1's weights' ε ÷ 10 (→ 0.00001); colour noise off (`COLOUR_NOISE_EPOCHS`)
+        epoch 72: conv1 frozen (ε = 0)                  epoch 79: the other weights' ε ÷ 10 (→ 0.00001)
+        epoch 91: stopped (`EPOCHS`)
+
+    The biases keep their ε_B throughout (`Rates.biases`), but for conv1's, frozen with its weights."""
+
+    milestones: tuple[int, ...] = (25, 51, 79)
+    CONV1_DROP, CONV1_FROZEN = 67, 72
+    COLOUR_NOISE_EPOCHS = 67  # the epochs trained with colour noise: 0-based 0..66
+    EPOCHS = 91
+
+    @property
+    def layer_lrs(self) -> tuple[tuple[str, float], ...]:
+        if self.epochs_done >= self.CONV1_FROZEN:
+            return (("conv1", 0.0),)
+        if self.epochs_done >= self.CONV1_DROP:
+            return (("conv1", self.lr / self.factor),)
+        return ()

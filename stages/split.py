@@ -22,9 +22,9 @@ import time
 import torch
 from torch import nn
 
-from stages.config import TOWERS, ModelConfig
+from stages.config import ModelConfig
 from stages.reference import TwoTowerAlexNet
-from stages.tower import CROSS_LAYERS, LAYERS, HalfTower
+from stages.tower import LAYERS, HalfTower, cross_layers
 
 Split = tuple[tuple[str, ...], ...]
 
@@ -79,8 +79,8 @@ def _profile(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, fl
     shapes, macs = {}, {}
     x = torch.empty(1, 3, cfg.image_size, cfg.image_size, device="meta")
     for name, block in tower.layers.items():
-        if name in CROSS_LAYERS:
-            x = torch.cat([x] * TOWERS, dim=1)  # both towers' maps, as the exchange gives
+        if name in cross_layers(cfg):
+            x = torch.cat([x] * cfg.towers, dim=1)  # both towers' maps, as the exchange gives
         learned = block.conv if hasattr(block, "conv") else block.fc
         if isinstance(learned, nn.Conv2d):  # every output value reads in_channels·k·k inputs
             macs[name] = float(learned(x).numel() * learned.weight[0].numel())

@@ -26,7 +26,7 @@ from runs import DRIVER, assert_nothing_left, shard_tensors, tiny_run_args
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "100", "--microbatches", "3"],
      "batch_size 100 must be divisible by microbatches 3: allowed microbatches are divisors of the batch"),
-    (["--recipe", "resnet"], "recipe must be one of alexnet_2012, demo, got 'resnet'"),
+    (["--recipe", "resnet"], "recipe must be one of alexnet_2012, cuda_convnet_2012, demo, got 'resnet'"),
     (["--towers", "3"], "towers must be one of 1, 2, got 3"),
     (["--replicas", "0"], "replicas must be in 1..1024, got 0"),
     (["--stage-resources", "1=ssd"], "stage_resources must be STAGE=RESOURCE items with STAGE in 0..0"),

@@ -44,6 +44,7 @@ def model_config(manifest: dict) -> ModelConfig:
     absent = [name for name in ARCHITECTURE if name not in saved]
     if absent:
         raise CheckpointError(f"the manifest's configuration lacks {', '.join(absent)}")
+    saved = {**checkpoint.ARCHITECTURE_BEFORE, **saved}  # a manifest from before the ablation switches
     fields = {f.name: saved[f.name] for f in dataclasses.fields(ModelConfig) if f.name in saved}
     try:
         return ModelConfig(**fields)

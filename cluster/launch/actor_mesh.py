@@ -23,6 +23,7 @@ from cluster.rank.precision import resolve
 from cluster.rank.report import EvalScores, ProbeReport, StepReport
 from cluster.rank.worker import TowerWorker
 from data.loader import ShardBatches
+from stages.optim import Rates
 
 __all__ = ["ActorMesh", "PlacementError"]
 
@@ -161,13 +162,15 @@ class ActorMesh:
     # --- steps: one plan for every actor; images to stage 0, labels to the last stage
 
     def plan(self, mode: str, lr: float = 0.0, microbatches: int | None = None,
-             schedule: str | None = None, step: int = 0) -> StepPlan:
-        """This step's plan; microbatches and schedule default to the configuration's."""
+             schedule: str | None = None, step: int = 0, rates: Rates | None = None) -> StepPlan:
+        """This step's plan; microbatches and schedule default to the configuration's; `rates`:
+        each parameter group's ε (None: `lr` for every one)."""
         m = microbatches or self.config.microbatches
         if self.config.batch_size % m:
             raise ConfigError(f"batch_size {self.config.batch_size} must be divisible by microbatches {m}")
         views = self.config.eval_views if mode == "eval" else 1
-        return StepPlan(mode, m, self.config.batch_size // m * views, schedule or self.config.schedule, lr, step)
+        return StepPlan(mode, m, self.config.batch_size // m * views, schedule or self.config.schedule, lr, step,
+                        rates)
 
     def _replicas(self, value) -> list:
         """One input per replica: a list of them, a single one when there is one replica, or None

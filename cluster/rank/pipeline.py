@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cluster.plan.schedule import Action
+from stages.optim import Rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +35,13 @@ class StepPlan:
     microbatches: int
     rows: int  # rows of one microbatch's input: images, times the views in evaluation
     schedule: str = "1f1b"
-    lr: float = 0.0
+    lr: float = 0.0  # the weights' ε (the paper's one ε)
     step: int = 0  # the run's step number this plan is for (1-based; 0: not a training step)
+    rates: Rates | None = None  # ε of every parameter group (stages/optim.py); None: `lr` for all
+
+    @property
+    def group_rates(self) -> Rates:
+        return self.rates or Rates(self.lr)
 
 
 class Link:

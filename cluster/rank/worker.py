@@ -43,8 +43,7 @@ from cluster.rank.report import EvalScores, ProbeReport, StepReport
 from cluster.rank.staging import PinnedBuffer, StagedBatch
 from stages.loss import (local_exchange, sharded_cross_entropy, sharded_target_value, sharded_topk_correct,
                          sharded_view_average, tower_loss)
-from stages.config import TOWERS
-from stages.optim import PaperSGD, set_lr
+from stages.optim import PaperSGD, param_groups, set_rates
 from stages.reference import TwoTowerAlexNet
 from stages.split import boundary_shape
 from stages.tower import HalfTower
@@ -102,8 +101,8 @@ class TowerWorker:
         else:
             self.model = TwoTowerAlexNet(model_cfg, seed=seed, layers=self.layers)
         self.model.to(self.device, memory_format=self.memory_format)
-        self.optimizer = PaperSGD(self.model.parameters(), lr=self.config.lr, momentum=self.config.momentum,
-                                  weight_decay=self.config.weight_decay)
+        self.optimizer = PaperSGD(param_groups(self.model, self.config.variant), lr=self.config.lr,
+                                  momentum=self.config.momentum, weight_decay=self.config.weight_decay)
         self._attach_sync()
 
     def _attach_sync(self) -> None:
@@ -184,7 +183,7 @@ class TowerWorker:
         """Run this stage's actions of `plan`, transferring to and from the neighbouring stages."""
         m = plan.microbatches
         in_shape = out_shape = None
-        towers_here = TOWERS // self.mesh.towers
+        towers_here = self.config.model_config.towers // self.mesh.towers
         if not self.first_stage:
             in_shape = boundary_shape(self.config.model_config, self.config.split, self.coord.stage - 1,
                                       plan.rows, towers_here)
@@ -269,7 +268,7 @@ class TowerWorker:
             time.sleep(faults.HANG_S)
         self.exchange_stats.reset()
         self.loss_stats.reset()
-        set_lr(self.optimizer, plan.lr)
+        set_rates(self.optimizer, plan.group_rates)
         run, loss, logits = self._gradients(plan, images, labels, lighting)
         optimizer_start = time.time()
         finite = True

@@ -1,6 +1,7 @@
 """Data parallelism: R replicas × S stages × 2 towers of real Ray actors, gradients averaged by
-real gloo all-reduces (bucketed, launched during backward), train to the weights of the
-single-process reference trained on the same global batch (tolerance: tests/parity.py); the
+real gloo all-reduces (bucketed, launched during backward), train like the single-process
+reference on the same global batch — every step's loss, every weight and its update, on every
+replica (tolerances: tests/parity.py); the
 placement plan keeps towers together, packs stages, spreads replicas and says what is missing."""
 
 import pytest
@@ -11,7 +12,8 @@ from cluster.launch.actor_mesh import ActorMesh
 from cluster.config import ConfigError
 from cluster.plan.mesh import Mesh
 from cluster.plan.placement import Node, PlacementError, plan_placement
-from parity import LRS, assert_rel_close, batches, one_mesh_at_a_time, reference_run, small_config
+from parity import (LRS, assert_gradients_like, assert_trained_like, batches, one_mesh_at_a_time, reference_run,
+                    replica_weights, small_config, train_mesh)
 
 SPLIT = {1: "conv1-fc8", 2: "conv1-conv2 | conv3-fc8"}
 
@@ -36,32 +38,25 @@ def per_replica(tensor: torch.Tensor, replicas: int) -> list[torch.Tensor]:
     return [tensor[r::replicas].contiguous() for r in range(replicas)]
 
 
-def train_replicas(workers: ActorMesh, microbatches: int) -> tuple[dict, list]:
-    workers.reset(workers.config.seed)
+def train_replicas(workers: ActorMesh, microbatches: int) -> tuple[list, list[float], list]:
+    """`train_mesh` on the global batches, each dealt to the replicas."""
     replicas = workers.mesh.replicas
-    for (images, labels, lighting), lr in zip(batches(global_config(workers), len(LRS)), LRS):
-        reports = workers.train_step(per_replica(images, replicas), per_replica(labels, replicas), lr,
-                                     per_replica(lighting, replicas), microbatches=microbatches)
-    per_rank = workers.named_parameters()
-    return per_rank, reports
+    feed = [tuple(per_replica(tensor, replicas) for tensor in batch)
+            for batch in batches(global_config(workers), len(LRS))]
+    return train_mesh(workers, feed, microbatches=microbatches)
 
 
 @pytest.mark.parametrize("replicas, stages", [(1, 1), (1, 2), (2, 1), (2, 2)])
 def test_replicas_train_to_the_reference_on_the_global_batch(meshes, replicas, stages):
     workers = meshes(replicas=replicas, stages=stages)
-    _, final = reference_run(global_config(workers))
+    ref = reference_run(global_config(workers))
     for microbatches in (1, 2):
-        per_rank, reports = train_replicas(workers, microbatches)
+        per_rank, losses, reports = train_replicas(workers, microbatches)
         for replica in range(replicas):  # every replica holds the whole network's weights
-            ranks = [rank for rank in range(workers.mesh.world_size) if workers.mesh.coord(rank).replica == replica]
-            weights = {name: w for rank in ranks for name, w in per_rank[rank].items()}
-            assert weights.keys() == final.keys()
-            for name, ref in final.items():
-                assert_rel_close(weights[name], ref, f"R={replicas} S={stages} M={microbatches} replica {replica} {name}")
+            assert_trained_like(replica_weights(per_rank, workers, replica), losses, ref,
+                                f"R={replicas} S={stages} M={microbatches} replica {replica}")
         if replicas > 1:
             assert all(r.allreduce_bytes > 0 for r in reports)
-        losses = [reports[rank].loss for rank in workers.mesh.loss_ranks()]
-        assert all(loss == loss for loss in losses)  # each replica's last stage reports its loss
 
 
 @pytest.mark.parametrize("changes", [dict(stages=2, bucket_mb=0.01, overlap_allreduce="on"),
@@ -71,23 +66,20 @@ def test_small_buckets_and_reduction_after_backward_give_the_same_weights(meshes
     """Many buckets (each layer's weight its own) launched in order during backward, and the
     no-overlap baseline, both reach the reference."""
     workers = meshes(replicas=2, **changes)
-    _, final = reference_run(global_config(workers))
-    per_rank, _ = train_replicas(workers, microbatches=2)
-    replica0 = [rank for rank in range(workers.mesh.world_size) if workers.mesh.coord(rank).replica == 0]
-    weights = {name: w for rank in replica0 for name, w in per_rank[rank].items()}
-    for name, ref in final.items():
-        assert_rel_close(weights[name], ref, f"{changes} {name}")
+    per_rank, losses, _ = train_replicas(workers, microbatches=2)
+    assert_trained_like(replica_weights(per_rank, workers), losses, reference_run(global_config(workers)),
+                        str(changes))
 
 
 def test_probe_gives_the_global_batch_gradient_and_placement_is_reported(meshes):
     workers = meshes(replicas=2, stages=1)
     workers.reset(workers.config.seed)
-    first, _ = reference_run(global_config(workers))
+    ref = reference_run(global_config(workers))
     images, labels, lighting = next(batches(global_config(workers), 1))
     reports = workers.probe(per_replica(images, 2), per_replica(labels, 2), per_replica(lighting, 2))
-    for rank in range(workers.mesh.world_size):
-        for name, grad in reports[rank].grads.items():
-            assert_rel_close(grad, first["grads"][name], f"rank {rank} gradient {name}")
+    for replica in range(2):  # every replica's ranks hold the global batch's (averaged) gradients
+        assert_gradients_like({name: g for report in reports if report.replica == replica
+                               for name, g in report.grads.items()}, ref, f"replica {replica}")
     table = workers.placement_table().splitlines()
     assert table[0].split() == ["rank", "replica", "stage", "tower", "node", "address", "GPU", "CPUs", "pid"]
     assert [line.split()[:4] for line in table[1:]] == [["0", "0", "0", "0"], ["1", "0", "0", "1"],

@@ -41,7 +41,7 @@ def _epochs_of(history: History, step: int) -> float:
     return step / per_epoch if per_epoch else float(step)
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
@@ -203,6 +203,6 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     out = out or storage.join(run_dir, REPORT_DIR)
     storage.open_storage(out).makedirs()
     for name, plot in zip(PLOTS, (plot_loss, plot_error, plot_throughput, plot_time_breakdown)):
-        storage.open_storage(storage.join(out, name)).write_bytes(_png(plot(history)))
+        storage.open_storage(storage.join(out, name)).write_bytes(png_bytes(plot(history)))
     storage.open_storage(storage.join(out, "report.md")).write_bytes(markdown(history, run_dir).encode())
     return out

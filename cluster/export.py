@@ -15,7 +15,9 @@ import argparse
 import sys
 
 from cluster.ckpt.checkpoint import CheckpointError
-from cluster.ckpt.consolidate import LAYOUTS, export, sidecar_path
+from cluster.ckpt.consolidate import LAYOUTS, export, load_export, sidecar_path
+
+__all__ = ["export", "load_export", "main"]  # load_export: the loader README.md shows from here
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -6,6 +6,7 @@
     export.py, report.py       commands: `python -m cluster.export`, `python -m cluster.report`
     evaluate.py, predict.py,   commands after training: `python -m cluster.evaluate` (on the mesh or
     infer.py                   in one process), `cluster.predict` (images), `cluster.infer` (Ray Data)
+    experiments.py             command: `python -m cluster.experiments` (the paper's ablations)
     plan/                      pure arithmetic, no Ray and no processes: the mesh, pipeline schedules,
                                the placement rule, gradient buckets, the scaling model
     rank/                      what runs inside each actor: the worker, its pipeline stage, the tower
@@ -14,7 +15,7 @@
     ckpt/                      checkpoints: format, storage (paths and URIs), the checkpointer, the
                                run-dir check, consolidation for export
     telemetry/                 on the driver: step summaries, progress, metrics, history, timeline,
-                               report plots
+                               report plots, the experiments' tables and figures
     serve/                     after training: the network from an export, run or checkpoint, its
                                preprocessing and scoring, evaluation, the Ray Data inference pipeline
 

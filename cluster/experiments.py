@@ -1,7 +1,8 @@
 """`python -m cluster.experiments NAME --recipe demo [--epochs E] [--run-dir DIR] [driver flags]`: the
 paper's experiments as runs (cluster/telemetry/experiments.py says which, and what the paper got).
 
-NAME is `activation`, `towers`, `lrn`, `pooling` or `all`. The command trains the baseline and each
+NAME is `activation`, `towers`, `lrn`, `pooling`, `all` (those four) or `dropout` (the paper's
+dropout against torch's inverted form). The command trains the baseline and each
 variant with the driver (`cluster.driver.main`: the same recipe, seed, data and every other flag
 given here), one after the other, each in its own run dir RUN_DIR/<variant>; then it writes
 RUN_DIR/experiments/NAME.md and NAME.png (for `all`, also each experiment's) and prints a summary.
@@ -18,7 +19,7 @@ from cluster import driver
 from cluster.config import ConfigError
 from cluster.launch.session import ray_session
 from cluster.recipes import RECIPES
-from cluster.telemetry.experiments import (EXPERIMENTS, SWITCH_FLAGS, read_result, runs, summary,
+from cluster.telemetry.experiments import (ABLATIONS, EXPERIMENTS, SWITCH_FLAGS, read_result, runs, summary,
                                            write_experiment)
 from cluster.ckpt import storage
 from stages.reference import parameter_count
@@ -26,7 +27,7 @@ from stages.reference import parameter_count
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        prog="python -m cluster.experiments",
+        prog="python -m cluster.experiments", allow_abbrev=False,  # an abbreviation is the driver's flag
         description="Train the paper's network and its ablations (§3.1-§3.4, Figure 1, §6) with the same "
                     "recipe, seed and data, and write their table and figure. Any other flag is the driver's "
                     "(python cluster/driver.py --help) and applies to every run.")
@@ -40,12 +41,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _check_shared(flags: list[str]) -> None:
-    """The switches are what the experiments vary; the run dirs are the command's."""
-    for flag in flags:
-        name = flag.split("=", 1)[0]
-        if name in SWITCH_FLAGS or name in ("--run-dir", "--recipe", "--show-config"):
-            raise ConfigError(f"{name} is the experiment's own: leave it out (the runs differ in "
-                              f"{', '.join(SWITCH_FLAGS)}; --run-dir is this command's)")
+    """The switches are what the experiments vary: refuse them as the driver would read them
+    (abbreviations included)."""
+    given = driver.parse_args(flags)
+    for flag in SWITCH_FLAGS:
+        if getattr(given, flag[2:].replace("-", "_")) is not None:
+            raise ConfigError(f"{flag} is the experiment's own: leave it out (the runs differ in "
+                              f"{', '.join(SWITCH_FLAGS)})")
+    if given.show_config:
+        raise ConfigError("--show-config is the driver's: run python cluster/driver.py --show-config with a run's flags")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {v.name: read_result(configs[v.name].run_dir, v, parameter_count(configs[v.name].model_config))
                for v in variants}
     command = " ".join(["python -m cluster.experiments", *(argv if argv is not None else sys.argv[1:])])
-    for experiment in [args.name] + (list(EXPERIMENTS)[:-1] if args.name == "all" else []):
+    for experiment in [args.name] + (list(ABLATIONS) if args.name == "all" else []):
         md, png = write_experiment(root, experiment, [results[v.name] for v in runs(experiment)], command)
         print(f"experiment {experiment}: {md}, {png}")
     for line in summary(args.name, [results[v.name] for v in variants]):

@@ -11,6 +11,7 @@ switch, trained with the same recipe, seed and data:
 | lrn        | no LRN (`--lrn off`)                     | §6: +1.4, +1.2                                       |
 | pooling    | 2×2 stride-2 pooling (`--pooling`)       | §6: +0.4, +0.3                                       |
 | all        | the four                                 |                                                      |
+| dropout    | inverted dropout (`--dropout-style`)     | none: the paper's own form is the baseline (§4.2)    |
 
 The results come from each run's history (RUN_DIR/<variant>/metrics.jsonl,
 cluster/telemetry/history.py): the last epoch's validation errors, and every epoch's training
@@ -49,11 +50,14 @@ VARIANTS = {v.name: v for v in (
             "one tower, half the kernels in conv1-conv4 (§3.2)", (1.7, 1.2)),
     Variant("no-lrn", ("--lrn", "off"), "no local response normalization (§3.3)", (1.4, 1.2)),
     Variant("non-overlapping", ("--pooling", "non-overlapping"), "2×2 stride-2 pooling, not 3×3 (§3.4)", (0.4, 0.3)),
+    Variant("inverted-dropout", ("--dropout-style", "inverted"),
+            "torch.nn.Dropout: the kept units ×2 in training, nothing at test (§4.2 scales at test)"),
 )}
-EXPERIMENTS = {"activation": ("tanh",), "towers": ("one-tower-half",), "lrn": ("no-lrn",),
-               "pooling": ("non-overlapping",)}
-EXPERIMENTS["all"] = tuple(name for names in EXPERIMENTS.values() for name in names)
-SWITCH_FLAGS = ("--activation", "--lrn", "--pooling", "--net")  # what the experiments vary
+ABLATIONS = {"activation": ("tanh",), "towers": ("one-tower-half",), "lrn": ("no-lrn",),
+             "pooling": ("non-overlapping",)}
+EXPERIMENTS = {**ABLATIONS, "all": tuple(name for names in ABLATIONS.values() for name in names),
+               "dropout": ("inverted-dropout",)}
+SWITCH_FLAGS = ("--activation", "--lrn", "--pooling", "--net", "--dropout-style")  # what the experiments vary
 
 
 def runs(experiment: str) -> list[Variant]:

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    with ray_session(configs["baseline"].address, max(map(driver.cpus_wanted, configs.values()))):
+    with ray_session(configs["baseline"].address, max(config.cpus_wanted for config in configs.values())):
         for i, variant in enumerate(variants, start=1):
             print(f"experiment {args.name}: run {i}/{len(variants)}, {variant.name} ({variant.what}) in "
                   f"{configs[variant.name].run_dir}", flush=True)

@@ -16,12 +16,12 @@ import argparse
 import sys
 
 from cluster import driver
+from cluster.ckpt import storage
 from cluster.config import ConfigError
 from cluster.launch.session import ray_session
 from cluster.recipes import RECIPES
 from cluster.telemetry.experiments import (ABLATIONS, EXPERIMENTS, SWITCH_FLAGS, read_result, runs, summary,
                                            write_experiment)
-from cluster.ckpt import storage
 from stages.reference import parameter_count
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_shared(shared)
         if args.epochs is not None and args.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {args.epochs}")
-        configs = {name: driver.resolve_config(driver.parse_args(argv)) for name, argv in flags.items()}
+        configs = {name: driver.resolve_config(driver.parse_args(run_flags)) for name, run_flags in flags.items()}
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ def test_all_experiments_train_write_their_files_and_resume(tiny_demo, tmp_path,
     baseline = read_history(str(root / "baseline")).epochs[-1]
     assert f"| {100 * baseline['val_top1_error']:.1f}% | {100 * baseline['val_top5_error']:.1f}% | — | — |" in rows[0]
     assert rows[2].endswith("| +1.7 / +1.2 |") and rows[3].endswith("| +1.4 / +1.2 |")
-    assert rows[4].endswith("| +0.4 / +0.3 |") and rows[1].endswith("| — |")
+    assert rows[4].endswith("| +0.4 / +0.3 |") and rows[1].endswith("| Figure 1: training speed, below |")
     assert "epochs to 25% training error: ReLU" in tables["activation"] and "![activation](activation.png)" in \
         tables["activation"]
     assert "one-tower-half" in tables["towers"] and "tanh" not in tables["towers"]

@@ -48,8 +48,8 @@ evaluation visits ``range(N)`` in index order. Replica ``r`` of ``R`` takes posi
 ``numpy.random.default_rng([seed, epoch, index])`` in a fixed order: the crop (top, left, flip,
 :class:`TrainTransform`), then the PCA colour offset (:func:`pca_lighting_offset`) when lighting
 is on in that epoch (``lighting_epochs`` can turn it off from an epoch on, as the 2012 run did;
-the offset is drawn last, so the crops do not change). Since ``index`` is global, a sample's view does not depend on the batch size, the replica
-count, the thread count or the resume point. The crop is drawn before the image is decoded, so
+the offset is drawn last, so the crops do not change). Since ``index`` is global, a sample's
+view does not depend on the batch size, the replica count, the thread count or the resume point. The crop is drawn before the image is decoded, so
 that only the part of the image the view needs is decoded (:meth:`TrainTransform.from_jpeg`,
 libjpeg-turbo's region decode in the extension ``data._jpegroi``); that part is bit for bit
 what a full decode gives, and a file it cannot take (or every file, when the extension is not

@@ -35,7 +35,7 @@ from runs import DRIVER, assert_nothing_left, shard_tensors, tiny_run_args
     (["--stages", "2", "--stage-split", "conv1-conv2 | conv2-fc8"], "stage_split: split 'conv1-conv2 | conv2-fc8' repeats conv2"),
     (["--schedule", "interleaved"], "schedule must be one of 1f1b, gpipe, got 'interleaved'"),
     (["--variant", "alexnet-v2"], "variant must be one of paper, cuda-convnet-2012, got 'alexnet-v2'"),
-    (["--lr-schedule", "cosine"], "lr_schedule must be one of plateau, milestones, got 'cosine'"),
+    (["--lr-schedule", "cosine"], "lr_schedule must be one of plateau, milestones, recorded, got 'cosine'"),
     (["--train-data", "/nonexistent/train-{000000..000003}.tar"], "train_data: "),
     # floats: range and finiteness (NaN passes no comparison, so a bare `< 0` check lets it through)
     (["--lr", "nan"], "lr must be a finite number >= 0, got nan"),

@@ -3,6 +3,7 @@ shapes, the exact parameter count), the two-tower mesh of real actors against th
 the switch on (tolerances: tests/parity.py), a 2-step driver run whose checkpoint records it, and
 the architecture check that refuses to resume that checkpoint without it."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from cluster import export
-from cluster.ckpt import checkpoint
+from cluster.ckpt import checkpoint, consolidate
 from cluster.driver import main
 from parity import (assert_evaluation_like, assert_gradients_like, assert_loss_close, assert_trained_like, batches,
                     one_mesh_at_a_time, reference_evaluation, reference_run, replica_weights, small_config,
@@ -235,3 +236,19 @@ def test_bad_switches_fail_before_any_actor_with_one_line(tiny_demo, tmp_path, c
     assert main(tiny_run_args(tiny_demo, tmp_path / "run", *args)) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_checkpoint_or_export_from_before_the_switches_keeps_torchs_dropout():
+    """A manifest or export description without the switches was trained with the paper's
+    network and torch.nn.Dropout, the only dropout then: it is read so, and resuming it under
+    today's default dropout is refused, naming the field."""
+    saved = {k: v for k, v in small_config(dropout=0.5).to_dict().items() if k not in checkpoint.ARCHITECTURE_BEFORE}
+    old = {checkpoint.KEY_CONFIG: saved}
+    assert consolidate.model_config(old).dropout_style == "inverted"
+    assert consolidate.model_config(old) == small_config(dropout=0.5, dropout_style="inverted").model_config
+    description = {"model_config": {k: v for k, v in dataclasses.asdict(small_config().model_config).items()
+                                    if k not in checkpoint.ARCHITECTURE_BEFORE}}
+    assert consolidate.export_model_config(description).dropout_style == "inverted"
+    with pytest.raises(checkpoint.CheckpointError, match=r"dropout_style='inverted' \(now 'paper'\)"):
+        checkpoint.check_compatible(old, small_config(dropout=0.5).to_dict(), "old")
+    assert checkpoint.check_compatible(old, small_config(dropout=0.5, dropout_style="inverted").to_dict(), "old") is False

@@ -238,12 +238,18 @@ def export(source: str, out: str, layout: str = "grouped", classes_file: str | N
     return {**description, "note": note}
 
 
+def export_model_config(description: dict) -> ModelConfig:
+    """An export description's ModelConfig; one written before the ablation switches gets what it
+    was trained with (checkpoint.ARCHITECTURE_BEFORE: torch's dropout, then the only one)."""
+    return ModelConfig(**{**checkpoint.ARCHITECTURE_BEFORE, **description["model_config"]})
+
+
 def load_export(path: str, network: str = "grouped") -> nn.Module:
     """The exported network, in eval mode on the CPU: `network` "grouped" (`GroupedAlexNet`) or
     "reference" (`TwoTowerAlexNet`), whichever layout the file was written in."""
     with open(sidecar_path(path)) as f:
         description = json.load(f)
-    cfg = ModelConfig(**description["model_config"])
+    cfg = export_model_config(description)
     if network not in LAYOUTS:
         raise ValueError(f"network must be one of {', '.join(LAYOUTS)}, got {network!r}")
     state = torch.load(path, weights_only=True, map_location="cpu")

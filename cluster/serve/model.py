@@ -22,8 +22,8 @@ import torch
 
 from cluster.ckpt import checkpoint, storage
 from cluster.ckpt.checkpoint import CheckpointError
-from cluster.ckpt.consolidate import (EXPORT_FORMATS, consolidate, find_checkpoint, inference_description,
-                                      model_config, sidecar_path)
+from cluster.ckpt.consolidate import (EXPORT_FORMATS, consolidate, export_model_config, find_checkpoint,
+                                      inference_description, model_config, sidecar_path)
 from data.classes import read_class_table
 from stages.config import ModelConfig
 from stages.grouped import from_grouped
@@ -109,7 +109,7 @@ def _from_checkpoint(path: str) -> Model:
 def _from_export(path: str) -> Model:
     description = _read_description(path)
     try:
-        cfg = ModelConfig(**description["model_config"])
+        cfg = export_model_config(description)
         state = torch.load(path, weights_only=True, map_location="cpu")
         if description.get("layout", "grouped") == "grouped":
             state = from_grouped(state, cfg)

@@ -22,7 +22,7 @@ from stages.lrn import CrossMapLRN, SpatialLRN
 from stages.reference import TwoTowerAlexNet, parameter_count
 from stages.split import layer_shapes
 from stages.tower import LAYERS, HalfTower
-from test_driver import tiny_run_args
+from runs import tiny_run_args
 
 # --- the networks (no Ray)
 

@@ -246,7 +246,7 @@ def print_model(out: dict, markdown: bool) -> None:
     row("GPUs/nodes", "Gb/s per node", "best mesh", "compute-bound img/s",
         *(f"input-bound img/s, {n}" for n in names), *(f"cores per GPU, {n}" for n in names),
         "object store MB/step/replica", "NIC B/step/replica", "bound by")
-    rule(6 + 2 * len(names))
+    rule(7 + 2 * len(names))
     for r in out["rows"]:
         best, paths = r["best"], r["input"]["paths"]
         inputs = [paths[n]["input_images_s"] for n in names]

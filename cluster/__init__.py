@@ -7,6 +7,7 @@
     evaluate.py, predict.py,   commands after training: `python -m cluster.evaluate` (on the mesh or
     infer.py                   in one process), `cluster.predict` (images), `cluster.infer` (Ray Data)
     experiments.py             command: `python -m cluster.experiments` (the paper's ablations)
+    argtypes.py                the commands' shared argparse types
     plan/                      pure arithmetic, no Ray and no processes: the mesh, pipeline schedules,
                                the placement rule, gradient buckets, the scaling model
     rank/                      what runs inside each actor: the worker, its pipeline stage, the tower

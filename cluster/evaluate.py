@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+from cluster.argtypes import positive
 from cluster.config import DEMO_DATA, ConfigError
 from cluster.serve.evaluation import (EvaluationFailed, comparison, evaluate_in_process, evaluate_on_mesh,
                                       evaluation_config, open_validation, result_json, same_data, training_figure,
@@ -29,12 +30,6 @@ from cluster.serve.model import ModelError, load_model
 from cluster.telemetry.progress import ProgressBar
 from data.loader import DataError
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -14,11 +14,11 @@ Exit status: 0 done (bad samples included), 1 the pipeline failed (re-run to go 
 
 import argparse
 import logging
-import math
 import os
 import sys
 
 from cluster import faults
+from cluster.argtypes import nonnegative, positive
 from cluster.ckpt import storage
 from cluster.config import DEMO_DATA
 from cluster.serve.inference import (InferOptions, OutputConflict, Settings, Summary, output_path, pending_shards,
@@ -28,18 +28,6 @@ from cluster.telemetry.progress import ProgressBar
 from data.shards import expand_shards
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def gpus(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="inference actors (default: GPUs / --gpus-per-worker on a GPU cluster; on CPUs, "
                              "half the cluster's CPUs / --threads-per-worker, or one per core on a local Ray; never "
                              "more than the shards)")
-    parser.add_argument("--gpus-per-worker", type=gpus,
+    parser.add_argument("--gpus-per-worker", type=nonnegative,
                         help="GPUs of each inference actor (default: 1 when the cluster has GPUs, else 0: CPUs)")
     parser.add_argument("--threads-per-worker", type=positive, default=1,
                         help="torch threads (and Ray CPUs) of each CPU inference actor (default: 1)")

@@ -16,16 +16,11 @@ import argparse
 import json
 import sys
 
+from cluster.argtypes import positive
 from cluster.serve.model import ModelError, load_model
 from cluster.serve.scoring import Scorer, image_files, predict_files
 from data.classes import class_label
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

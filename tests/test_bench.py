@@ -45,7 +45,7 @@ def test_checkpoint(tmp_path):
 
 def test_data_pipeline(tmp_path):
     out, result = run_bench("data_pipeline", tmp_path, "--corpus", str(tmp_path / "corpus"))
-    assert {"c/a", "c/b", "d/a", "d/b"} <= result["ratios"].keys()
+    assert {"c/a", "c/b", "d/a", "d/b", "d/b_256", "d_load/b_256"} <= result["ratios"].keys()
 
 
 def test_metrics_overhead(tmp_path, tiny_demo):
@@ -58,6 +58,7 @@ def test_metrics_overhead(tmp_path, tiny_demo):
 def test_input(tmp_path):
     out, result = run_bench("input", tmp_path, "--corpus", str(tmp_path / "corpus"))
     assert "K=2 / K=1" in out and result["k2_over_k1"] > 0 and result["k2_over_old"] > 0
+    assert all(cores and min(cores) >= 0 for cores in result["sink_cores"].values())
 
 
 def test_gpu_check_dry_run_needs_nothing_but_torch():

@@ -555,12 +555,13 @@ class InputPath:
     source: str
 
 
-# One core's training images/s, measured on this project's machine (AMD EPYC, bench/data_pipeline.py
-# (c) and (d), docs/BENCHMARKS.md), and the CPU cores of the GPU nodes deploy/cluster.yaml names:
+# One core's training images/s as a GPU node's loader makes them (decode, crop, flip, lighting; the
+# GPU normalises), measured on this project's machine (AMD EPYC, bench/data_pipeline.py (c') and
+# (d'), 2026-12-02, docs/BENCHMARKS.md), and the CPU cores of the GPU nodes deploy/cluster.yaml names:
 # p4d.24xlarge, 96 vCPUs = 48 cores for 8 GPUs (hyper-threads counted as no extra core).
 CORES_PER_NODE = 48
-DECODE_FULL = InputPath("full-size shards", 825.0, CORES_PER_NODE, "bench/data_pipeline.py (c), one core")
-DECODE_256 = InputPath("pre-resized 256 shards", 2156.0, CORES_PER_NODE, "bench/data_pipeline.py (d), one core")
+DECODE_FULL = InputPath("full-size shards", 1065.0, CORES_PER_NODE, "bench/data_pipeline.py (c'), one core")
+DECODE_256 = InputPath("pre-resized 256 shards", 3625.0, CORES_PER_NODE, "bench/data_pipeline.py (d'), one core")
 INPUT_PATHS = (DECODE_FULL, DECODE_256)
 
 CROP = PAPER.image_size

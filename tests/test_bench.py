@@ -62,11 +62,11 @@ def test_input(tmp_path):
 
 
 def test_gpu_check_dry_run_needs_nothing_but_torch():
-    """`bench/gpu_check.sh --device cpu` with Ray, pyarrow, numpy, PIL, webdataset and simplejpeg
+    """`bench/gpu_check.sh --device cpu --quick` with Ray, pyarrow, numpy, PIL, webdataset and simplejpeg
     made unimportable, as on the GPU machine (PyTorch and Python only)."""
     blocked = ("ray", "pyarrow", "numpy", "PIL", "webdataset", "simplejpeg", "matplotlib", "prometheus_client")
     code = (f"import runpy, sys\nfor name in {blocked!r}:\n    sys.modules[name] = None\n"
-            "sys.argv = ['bench/gpu_check.py', '--device', 'cpu']\n"
+            "sys.argv = ['bench/gpu_check.py', '--device', 'cpu', '--quick']\n"
             "runpy.run_path('bench/gpu_check.py', run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

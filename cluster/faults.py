@@ -61,37 +61,22 @@ def failure_step(rank: int) -> int | None:
 
 def nan_at(step: int) -> bool:
     """Whether NAN_ENV asks for a NaN loss at the run's step `step`."""
-    spec = os.environ.get(NAN_ENV, "")
-    if not spec or step != int(spec.split(":", 1)[0]):
-        return False
-    return _first_time(spec.split(":", 1)[1] if ":" in spec else "")
+    return _asks(NAN_ENV, step)
 
 
 def hang_at(rank: int, step: int) -> bool:
     """Whether HANG_ENV asks tower actor `rank` to hang at the run's step `step`."""
-    spec = os.environ.get(HANG_ENV, "")
-    if not spec:
-        return False
-    hang_rank, hang_step, marker = spec.split(":", 2)
-    return (rank, step) == (int(hang_rank), int(hang_step)) and _first_time(marker)
+    return _asks(HANG_ENV, rank, step)
 
 
 def inf_gradient_at(rank: int, step: int) -> bool:
     """Whether INF_GRAD_ENV asks tower actor `rank` for an inf gradient at the run's step `step`."""
-    spec = os.environ.get(INF_GRAD_ENV, "")
-    if not spec:
-        return False
-    inf_rank, inf_step, *marker = spec.split(":", 2)
-    return (rank, step) == (int(inf_rank), int(inf_step)) and _first_time(marker[0] if marker else "")
+    return _asks(INF_GRAD_ENV, rank, step)
 
 
 def loader_hangs(replica: int, loader: int, epoch: int, batch: int) -> bool:
     """Whether LOADER_HANG_ENV asks this loader to hang making this training batch."""
-    spec = os.environ.get(LOADER_HANG_ENV, "")
-    if not spec:
-        return False
-    *where, marker = spec.split(":", 4)
-    return tuple(int(part) for part in where) == (replica, loader, epoch, batch) and _first_time(marker)
+    return _asks(LOADER_HANG_ENV, replica, loader, epoch, batch)
 
 
 def slow_write_pause(path: str) -> float | None:
@@ -104,11 +89,19 @@ def slow_write_pause(path: str) -> float | None:
 
 def infer_kill_at(batches: int) -> bool:
     """Whether INFER_KILL_ENV asks this inference actor to die, having finished `batches` batches."""
-    spec = os.environ.get(INFER_KILL_ENV, "")
+    return _asks(INFER_KILL_ENV, batches)
+
+
+def _asks(name: str, *where: int) -> bool:
+    """Whether variable `name`, "N:N:...[:MARKER]" (as many integers as `where`), names `where`:
+    always when it has no MARKER, else once (`_first_time`)."""
+    spec = os.environ.get(name, "")
     if not spec:
         return False
-    batch, marker = spec.split(":", 1)
-    return batches == int(batch) and _first_time(marker)
+    parts = spec.split(":", len(where))
+    if tuple(int(part) for part in parts[:len(where)]) != where:
+        return False
+    return _first_time(parts[len(where)] if len(parts) > len(where) else "")
 
 
 def _first_time(marker: str) -> bool:

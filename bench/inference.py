@@ -44,9 +44,10 @@ import torch  # noqa: E402
 from cluster import infer  # noqa: E402
 from cluster.ckpt.consolidate import EXPORT_FORMAT, preprocessing  # noqa: E402
 from cluster.serve.model import load_model  # noqa: E402
-from cluster.serve.scoring import Scorer, image_views, view_transform  # noqa: E402
+from cluster.serve.scoring import Scorer, image_views  # noqa: E402
 from data.demo import ensure_demo_dataset  # noqa: E402
 from data.shards import expand_shards, read_samples  # noqa: E402
+from data.transforms import view_transform  # noqa: E402
 from stages.config import ModelConfig  # noqa: E402
 from stages.grouped import to_grouped  # noqa: E402
 from stages.reference import TwoTowerAlexNet  # noqa: E402

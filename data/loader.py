@@ -110,11 +110,10 @@ from data.convert import MANIFEST as _MANIFEST
 from data.shards import _IMAGE_SUFFIXES, ReadStats, TarSamples, expand_shards, label_problem
 from data.transforms import (
     LIGHTING_VARIANTS,
-    EvalTransform,
-    TenViewTransform,
     TrainTransform,
     decode_rgb,
     pca_lighting_offset,
+    view_transform,
 )
 
 __all__ = ["Batch", "DataError", "IndexStats", "ShardBatches", "decoded_in_process", "scan_shard"]
@@ -354,9 +353,7 @@ class ShardBatches:
         self.max_bad_fraction, self.num_threads = float(max_bad_fraction), num_threads
         self.resize, self.crop = resize, crop
         self._train_view = TrainTransform(resize, crop)
-        self._eval_view = (
-            EvalTransform(resize, crop) if views == 1 else TenViewTransform(resize, crop)
-        )
+        self._eval_view = view_transform(resize, crop, views)
         self._build_index(expand_shards(pattern))
         self._init_runtime()
         if self.train and self.batches_per_epoch == 0:

@@ -60,6 +60,7 @@ __all__ = [
     "normalize_batch",
     "pca_lighting_offset",
     "region_size",
+    "view_transform",
 ]
 
 log = logging.getLogger(__name__)
@@ -363,3 +364,10 @@ class TenViewTransform(_CropTransform):
         views = [square[top : top + self.crop, left : left + self.crop] for top, left in corners]
         views += [view[:, ::-1] for view in views]
         return torch.stack([_to_chw(view) for view in views])
+
+
+def view_transform(resize: int, crop: int, views: int) -> EvalTransform | TenViewTransform:
+    """The evaluation transform of ``views`` views: the centre crop (1) or the paper's ten (10)."""
+    if views not in (1, 10):
+        raise ValueError(f"views must be 1 or 10, got {views!r}")
+    return EvalTransform(resize, crop) if views == 1 else TenViewTransform(resize, crop)

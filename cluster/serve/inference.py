@@ -54,9 +54,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster import faults
 from cluster.ckpt import storage
-from cluster.serve.model import Model, ModelError, load_model
-from cluster.serve.scoring import Scorer, image_views, view_transform
-from data.transforms import EvalTransform, TenViewTransform
+from cluster.serve.model import Model, ModelError, load_model, one_line
+from cluster.serve.scoring import Scorer, image_views
+from data.transforms import EvalTransform, TenViewTransform, view_transform
 from data.shards import _IMAGE_SUFFIXES, TarSamples
 
 PREDICTIONS_FORMAT = "alexnet-towers predictions v1"
@@ -128,7 +128,7 @@ def _row(file, key: str, members: dict, transform) -> tuple[str, int, np.ndarray
     try:
         return key, label, image_views(os.pread(file.fileno(), size, offset), transform), ""
     except ValueError as err:
-        return key, label, None, f"undecodable image: {' '.join(str(err).split())[:200]}"
+        return key, label, None, f"undecodable image: {one_line(err)[:200]}"
 
 
 def _block(shard: int, positions, count: int, rows: list[tuple], transform) -> dict:

@@ -86,7 +86,7 @@ def load_model(source: str, classes_file: str | None = None) -> Model:
         try:
             model.classes = read_class_table(classes_file)
         except (OSError, ValueError) as err:
-            raise ModelError(f"classes {classes_file}: {_one_line(err)}") from None
+            raise ModelError(f"classes {classes_file}: {one_line(err)}") from None
         if len(model.classes) != model.cfg.num_classes:
             raise ModelError(f"classes {classes_file} lists {len(model.classes)} classes, the network has "
                              f"{model.cfg.num_classes}")
@@ -99,7 +99,7 @@ def _from_checkpoint(path: str) -> Model:
         manifest, state = consolidate(directory)
         inference, _ = inference_description(manifest)  # without a class table, classes are shown by index
     except (CheckpointError, OSError, ValueError) as err:
-        raise ModelError(_one_line(err)) from None
+        raise ModelError(one_line(err)) from None
     digest = hashlib.sha256("".join(shard["sha256"] for shard in manifest[checkpoint.KEY_SHARDS]).encode())
     return Model(model_config(manifest), state, inference["preprocessing"]["resize_shorter"], inference["classes"],
                  path, "checkpoint", digest.hexdigest()[:16], storage.absolute(directory),
@@ -115,7 +115,7 @@ def _from_export(path: str) -> Model:
             state = from_grouped(state, cfg)
         TwoTowerAlexNet(cfg).load_state_dict(state)  # every tensor there, in its shape
     except Exception as err:  # a torch pickle, a state or a config that does not fit: all unusable
-        raise ModelError(f"export {path} does not load: {_one_line(err)}") from None
+        raise ModelError(f"export {path} does not load: {one_line(err)}") from None
     model = Model(cfg, state, 0, description.get("classes"), path, "export", checkpoint.sha256_file(path)[:16],
                   description.get("checkpoint"), description.get("step"))
     try:  # the run it came from, when it is still there: its configuration and history
@@ -136,7 +136,7 @@ def _read_description(path: str) -> dict:
         raise ModelError(f"export {path} has no description {sidecar}: python -m cluster.export writes both; "
                          f"export again, or keep the two files together") from None
     except (OSError, ValueError) as err:
-        raise ModelError(f"export description {sidecar} is not readable JSON: {_one_line(err)}") from None
+        raise ModelError(f"export description {sidecar} is not readable JSON: {one_line(err)}") from None
     if not isinstance(description, dict) or description.get("format") not in EXPORT_FORMATS:
         got = description.get("format") if isinstance(description, dict) else type(description).__name__
         raise ModelError(f"{sidecar} is not an export description (format {got!r}, expected one of "
@@ -168,5 +168,6 @@ def _fill_preprocessing(model: Model, description: dict, manifest: dict | None) 
                        f"taken from its checkpoint {model.checkpoint}; export again to record it")
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (the commands' errors are one line each)."""
     return " ".join(str(err).split()) or type(err).__name__

@@ -20,19 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cluster.serve.model import Model
-from data.transforms import EvalTransform, TenViewTransform, decode_rgb, normalize_batch
+from cluster.serve.model import Model, one_line
+from data.transforms import EvalTransform, TenViewTransform, decode_rgb, normalize_batch, view_transform
 from stages.loss import local_exchange, sharded_view_average
-
-VIEWS = (1, 10)
-
-
-def view_transform(resize: int, crop: int, views: int) -> EvalTransform | TenViewTransform:
-    """The evaluation transform of `views` views (data/loader.py builds the same for validation)."""
-    if views not in VIEWS:
-        raise ValueError(f"views must be 1 or 10, got {views!r}")
-    return EvalTransform(resize, crop) if views == 1 else TenViewTransform(resize, crop)
-
 
 def image_views(data: bytes, transform: EvalTransform | TenViewTransform) -> np.ndarray:
     """Encoded image bytes (JPEG, PNG, ...) → uint8 (3, crop, crop), or (10, 3, crop, crop) for ten
@@ -94,7 +84,7 @@ def predict_files(scorer: Scorer, files: list[str], resize: int, crop: int, topk
                 with open(file, "rb") as f:
                     views.append(image_views(f.read(), transform))
             except (OSError, ValueError) as err:
-                errors[file] = " ".join(str(err).split())
+                errors[file] = one_line(err)
         if views:
             classes, probs = scorer.topk(torch.from_numpy(np.stack(views)), topk)
             ranked = iter(list(zip(c, p)) for c, p in zip(classes.tolist(), probs.tolist()))

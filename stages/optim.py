@@ -111,12 +111,6 @@ def set_rates(optimizer: Optimizer, rates: Rates) -> None:
         group["lr"] = rates.of(group["layer"], group["kind"]) if "layer" in group else rates.weights
 
 
-def set_lr(optimizer: Optimizer, lr: float) -> None:
-    """One ε for every group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 class _Schedule:
     """What every schedule gives for the next epoch: `lr`, the weights' ε, and `layer_lrs`, the
     layers whose weights' ε differs from it (only the recorded 2012 schedule has any)."""

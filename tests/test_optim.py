@@ -2,14 +2,14 @@
 
 import torch
 
-from stages.optim import MilestoneSchedule, PaperSGD, PlateauSchedule, set_lr
+from stages.optim import MilestoneSchedule, PaperSGD, PlateauSchedule, Rates, set_rates
 
 
 def _run(optimizer_cls, lrs, **kwargs):
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     opt = optimizer_cls([w], lr=lrs[0], momentum=0.9, weight_decay=0.0005, **kwargs)
     for lr in lrs:
-        set_lr(opt, lr)
+        set_rates(opt, Rates(lr))
         w.grad = torch.tensor([0.5, 0.25])  # a constant gradient keeps the arithmetic readable
         opt.step()
     return w.detach()

@@ -28,7 +28,7 @@ from cluster.launch.actor_mesh import ActorMesh
 from cluster.rank.precision import DTYPES
 from parity import LRS, batches, small_config
 from stages.loss import cross_entropy_reference
-from stages.optim import PaperSGD, set_lr
+from stages.optim import PaperSGD, Rates, set_rates
 from stages.reference import TwoTowerAlexNet
 from data.normalize import normalize_batch
 from runs import shard_tensors, tiny_run_args
@@ -65,7 +65,7 @@ def reference(config, precision: str):
             p.grad /= scale
         if first is None:
             first = {n: p.grad.clone() for n, p in net.named_parameters()}
-        set_lr(opt, lr)
+        set_rates(opt, Rates(lr))
         opt.step()
     return first, {n: p.detach() - start[n] for n, p in net.named_parameters()}
 

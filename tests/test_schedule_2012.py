@@ -18,7 +18,7 @@ from cluster.trainer import make_schedule
 from data.loader import ShardBatches
 from parity import batches, small_config
 from stages.config import ModelConfig
-from stages.optim import PaperSGD, Rates, layer_and_kind, param_groups, set_lr, set_rates
+from stages.optim import PaperSGD, Rates, layer_and_kind, param_groups, set_rates
 from stages.reference import TwoTowerAlexNet
 from stages.tower import LAYERS, HalfTower
 
@@ -121,7 +121,8 @@ def test_the_paper_variant_steps_bit_for_bit_as_one_group_did():
     now = PaperSGD(param_groups(nets[1], "paper"))
     x, target = torch.randn(4, 3, 63, 63) * 50, torch.tensor([1, 2, 3, 4])
     for lr in (0.01, 0.01, 0.001):
-        set_lr(before, lr)
+        for group in before.param_groups:  # what the worker's one ε for all did
+            group["lr"] = lr
         set_rates(now, Rates(lr))
         for net, optimizer in zip(nets, (before, now)):
             optimizer.zero_grad()

@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator
 from cluster.ckpt import storage
 from cluster.telemetry.history import read_history
 from cluster.telemetry.plots import png_bytes
+from stages.config import SWITCHES
 
 EXPERIMENTS_DIR = "experiments"
 FIGURE1_THRESHOLD = 0.25  # Figure 1: epochs to reach 25% training error
@@ -60,7 +61,7 @@ ABLATIONS = {"activation": ("tanh",), "towers": ("one-tower-half",), "lrn": ("no
              "pooling": ("non-overlapping",)}
 EXPERIMENTS = {**ABLATIONS, "all": tuple(name for names in ABLATIONS.values() for name in names),
                "dropout": ("inverted-dropout",)}
-SWITCH_FLAGS = ("--activation", "--lrn", "--pooling", "--net", "--dropout-style")  # what the experiments vary
+SWITCH_FLAGS = tuple(f"--{name.replace('_', '-')}" for name in SWITCHES)  # what the experiments vary
 
 
 def runs(experiment: str) -> list[Variant]:

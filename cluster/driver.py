@@ -70,10 +70,15 @@ def resolve_location(name: str, location: str) -> str:
     return storage.absolute(location)
 
 
+def _relative(location: str) -> bool:
+    """A local path that is neither absolute nor under ~ (a URI is neither)."""
+    return not storage.is_uri(location) and not os.path.isabs(os.path.expanduser(location))
+
+
 def durable_run_dir(run_dir: str) -> str:
     """Under a Ray job (cluster/launch/session.py), a relative run dir resolves against the
     durable root instead of Ray's temporary copy of the working directory."""
-    if job_working_copy() is None or storage.is_uri(run_dir) or os.path.isabs(os.path.expanduser(run_dir)):
+    if job_working_copy() is None or not _relative(run_dir):
         return run_dir
     return os.path.join(durable_root(), run_dir)
 
@@ -84,8 +89,7 @@ def check_job_paths(config: TrainConfig) -> None:
     copy = job_working_copy()
     for name in ("train_data", "val_data"):
         location = getattr(config, name)
-        if copy and location != DEMO_DATA and not storage.is_uri(location) and not os.path.isabs(
-                os.path.expanduser(location)):
+        if copy and location != DEMO_DATA and _relative(location):
             raise ConfigError(f"{name} {location!r} is relative, and this job runs in Ray's temporary copy of the "
                               f"working directory ({copy}): pass an absolute path on storage every node reaches")
 

@@ -13,6 +13,7 @@ from cluster.ckpt import checkpoint
 from cluster.ckpt.checkpointer import Checkpointer
 from cluster.config import TrainConfig
 from cluster.inputs import InputPlan
+from cluster.launch.loaders import FedBatch
 from cluster.rank.report import EvalScores
 from cluster.telemetry.metrics import Metrics
 from cluster.telemetry.progress import Progress, format_duration
@@ -141,6 +142,14 @@ def resume_point(directory: str, manifest: dict, train_data: InputPlan) -> Start
     return Start(position, state.get("schedule", {}), directory)
 
 
+def _received(fed: FedBatch, plan: InputPlan, metrics: Metrics) -> None:
+    """A batch came from the loaders: their work to the metrics, the bad samples they found to the
+    plan (DataError past --max-bad-fraction)."""
+    metrics.loaded(fed.reports)
+    for report in fed.reports:
+        plan.add_bad(report.bad)
+
+
 def evaluate_scores(workers, val_data: InputPlan, metrics: Metrics = Metrics(),
                     on_batch: Callable[[int, EvalScores], None] | None = None) -> EvalScores:
     """The scores of the whole validation split (centre crop, or the ten views with --eval-views
@@ -148,9 +157,7 @@ def evaluate_scores(workers, val_data: InputPlan, metrics: Metrics = Metrics(),
     batch (`python -m cluster.evaluate`'s progress bar)."""
     total = EvalScores()
     for fed in workers.batches("val", 0, 0, val_data.batches_per_epoch):
-        metrics.loaded(fed.reports)
-        for report in fed.reports:
-            val_data.add_bad(report.bad)
+        _received(fed, val_data, metrics)
         total = total + workers.evaluate(fed.images, fed.labels, fed.weights)
         if on_batch is not None:
             on_batch(fed.index + 1, total)
@@ -217,9 +224,7 @@ def _train_epoch(loop: _Loop, at: Position) -> Position:
     last = min(loop.train_data.batches_per_epoch, at.batch + loop.total - at.step)  # no batch past the run
     tick = time.perf_counter()  # the end of the previous step: loop time counts from here
     for fed in workers.batches("train", at.epoch, at.batch, last):
-        loop.metrics.loaded(fed.reports)
-        for report in fed.reports:
-            loop.train_data.add_bad(report.bad)  # DataError past --max-bad-fraction
+        _received(fed, loop.train_data, loop.metrics)
         reports = workers.train_step(fed.images, fed.labels, lr, fed.lighting, step=at.step + 1, rates=rates)
         now = time.perf_counter()
         summary = StepSummary.reduce(reports, config.mesh, step=at.step + 1, epoch=at.epoch, lr=lr,

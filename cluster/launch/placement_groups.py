@@ -79,7 +79,7 @@ def _reserve(config: TrainConfig, per_actor: dict, loader_cpus: float, plan: lis
     they are not all ready within `timeout` seconds (then they are removed)."""
     groups = []
     for nodes in plan:
-        bundles = [stage_bundle(config.mesh, per_actor, config.pinned_stages.get(s), loader_cpus if s == 0 else 0)
+        bundles = [stage_bundle(config.mesh, per_actor, s, config.pinned_stages.get(s), loader_cpus)
                    for s in range(config.stages)]
         groups.append(placement_group(bundles, strategy="PACK",
                                       bundle_label_selector=[{NODE_ID_LABEL: n.node_id} for n in nodes]))

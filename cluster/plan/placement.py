@@ -41,11 +41,11 @@ def actor_resources(mesh: Mesh, threads_per_worker: int, nodes: list[Node]) -> d
     return {"CPU": threads_per_worker}
 
 
-def stage_bundle(mesh: Mesh, per_actor: dict, resource: str | None, loader_cpus: float = 0) -> dict:
-    """One stage of one replica: every tower's actor, the stage's pinning resource, and the CPUs
-    of the replica's loader actors (stage 0's bundle: the loaders run where the images go)."""
+def stage_bundle(mesh: Mesh, per_actor: dict, stage: int, resource: str | None, loader_cpus: float = 0) -> dict:
+    """Stage `stage` of one replica: every tower's actor, the stage's pinning resource, and at
+    stage 0 the CPUs of the replica's loader actors (they run where the images go)."""
     bundle = {name: amount * mesh.towers for name, amount in per_actor.items()}
-    if loader_cpus:
+    if loader_cpus and stage == 0:
         bundle["CPU"] = bundle.get("CPU", 0) + loader_cpus
     if resource:
         bundle[resource] = PIN_AMOUNT
@@ -84,7 +84,7 @@ def plan_placement(mesh: Mesh, per_actor: dict, nodes: list[Node], pinned: dict[
         order = sorted(nodes, key=lambda n: (hosted[n.node_id], -free[n.node_id].get(main, 0), n.node_id))
         stages: list[Node] = []
         for stage in range(mesh.stages):
-            want = stage_bundle(mesh, per_actor, pinned.get(stage), loader_cpus if stage == 0 else 0)
+            want = stage_bundle(mesh, per_actor, stage, pinned.get(stage), loader_cpus)
             candidates = stages[-1:] + order  # pack: stay on the previous stage's node while it fits
             node = next((n for n in candidates if _fits(want, free[n.node_id])), None)
             if node is None:

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cluster.rank.precision import dtype_name
+
 # torch 2.13 renamed the flat-tensor collectives; older releases have only the old names.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -33,7 +35,7 @@ class ExchangeStats:
     def add(self, seconds: float, tensor: Tensor, peers: int) -> None:
         self.seconds += seconds
         self.bytes_sent += tensor.numel() * tensor.element_size() * peers
-        self.dtypes.add(str(tensor.dtype).removeprefix("torch."))
+        self.dtypes.add(dtype_name(tensor.dtype))
 
 
 class _GatherTowers(torch.autograd.Function):

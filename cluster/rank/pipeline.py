@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cluster.plan.schedule import Action
+from cluster.rank.precision import dtype_name
 from stages.optim import Rates
 
 
@@ -210,7 +211,7 @@ class StageRun:
             self._send(self.links.gradients_out, x.grad, i + self.plan.microbatches, "send grad")
 
     def _send(self, link: Link, tensor: Tensor, tag: int, kind: str) -> None:
-        self.sent_dtypes.add(str(tensor.dtype).removeprefix("torch."))
+        self.sent_dtypes.add(dtype_name(tensor.dtype))
         start = time.time()
         self._sends.append(link.send(tensor.contiguous(), tag))
         self.timeline.add(kind, tag % self.plan.microbatches, start)

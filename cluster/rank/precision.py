@@ -32,6 +32,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REDUCE_DTYPES = ("fp32", "bf16")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float32`, `bfloat16`, ...: how reports name what travelled."""
+    return str(dtype).removeprefix("torch.")
+
+
 def resolve(precision: str, device_type: str) -> str:
     """`auto`: bf16 on a GPU (its tensor cores), fp32 on a CPU; anything else as given."""
     if precision == "auto":

@@ -85,6 +85,38 @@ def stop_session(pgid: int, grace: float = 5.0) -> None:
         time.sleep(0.1)
 
 
+# `ray start` gives a new raylet 30 s (a constant in ray/_private/node.py) to register with the GCS;
+# on a 2-core machine under the whole suite's load it sometimes needs longer. That, and only that,
+# is tried again, after stopping what the failed start left.
+_REGISTRATION_TIMEOUT = "timed out during startup"
+_START_ATTEMPTS = 3
+
+
+def _ray_start(command: list[str], env: dict, log: Path, what: str) -> int:
+    """Run a `ray start` in its own process group; the group id (every process it starts stays
+    in it). Raises with the log's tail when it fails for another reason than the raylet's
+    registration timeout, or for that one `_START_ATTEMPTS` times."""
+    for attempt in range(1, _START_ATTEMPTS + 1):
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode == 0:
+            return proc.pid
+        stop_session(proc.pid)
+        text = log.read_text()
+        if _REGISTRATION_TIMEOUT not in text or attempt == _START_ATTEMPTS:
+            raise RuntimeError(f"{what} failed ({proc.returncode}, attempt {attempt}):\n{text[-4000:]}")
+        print(f"{what}: the raylet did not register within Ray's 30 s (attempt {attempt}); starting it again",
+              file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def head_env(workdir: Path, home: Path | None = None) -> dict:
     """Environment for `ray start`, `ray job submit` and drivers of a test's own head: a private
     auth token (or, with `home`, that HOME and whatever token auth Ray makes of its
@@ -133,21 +165,12 @@ def own_head(workdir: Path, num_cpus: int = 2, extra_env: dict | None = None, ho
     env.update(extra_env or {})
     args = nettools.ray_start_head_args(port=gcs, dashboard_port=dashboard,
                                         dashboard_agent_listen_port=agent, ray_client_server_port=client)
-    log = workdir / "start.log"
-    with open(log, "w") as out:
-        head = subprocess.Popen(
-            [str(RAY_CLI), "start", *args, f"--num-cpus={num_cpus}", f"--temp-dir={workdir}"],
-            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [str(RAY_CLI), "start", *args, f"--num-cpus={num_cpus}", f"--temp-dir={workdir}"]
+    pgid = _ray_start(command, env, workdir / "start.log", "ray start --head")
     try:  # every head process stays in this process group after `ray start` exits
-        head.wait(timeout=90)
-        if head.returncode != 0:
-            raise RuntimeError(f"ray start failed ({head.returncode}):\n{log.read_text()[-4000:]}")
-        yield Head(env, head.pid, gcs, dashboard, (agent, client))
+        yield Head(env, pgid, gcs, dashboard, (agent, client))
     finally:
-        if head.poll() is None:
-            head.kill()
-            head.wait()
-        stop_session(head.pid)
+        stop_session(pgid)
 
 
 @contextlib.contextmanager
@@ -199,17 +222,9 @@ def worker_node(head: Head, workdir: Path, name: str, num_cpus: int = 4):
     args = [f"--address={localnet.LOOPBACK}:{head.gcs_port}", f"--node-ip-address={localnet.LOOPBACK}",
             f"--num-cpus={num_cpus}", f'--resources={{"{name}": 1}}', "--disable-usage-stats",
             *(f"--{flag}={port}" for flag, port in ports.items())]
-    log = workdir / f"start-{name}.log"
-    with open(log, "w") as out:
-        node = subprocess.Popen([sys.executable, "-c", _JOIN_ON_LOOPBACK, *args], env=head.env, cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    pgid = _ray_start([sys.executable, "-c", _JOIN_ON_LOOPBACK, *args], head.env, workdir / f"start-{name}.log",
+                      f"ray start (worker {name})")
     try:
-        node.wait(timeout=90)
-        if node.returncode != 0:
-            raise RuntimeError(f"ray start (worker {name}) failed ({node.returncode}):\n{log.read_text()[-4000:]}")
-        yield WorkerNode(node.pid, name)
+        yield WorkerNode(pgid, name)
     finally:
-        if node.poll() is None:
-            node.kill()
-            node.wait()
-        stop_session(node.pid)
+        stop_session(pgid)

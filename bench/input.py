@@ -43,6 +43,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # n
 
 from cluster.launch import localnet  # noqa: E402
 from cluster.launch.loaders import LoaderPool  # noqa: E402
+from cluster.rank.staging import from_object_store  # noqa: E402
 from data.loader import ShardBatches  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
 from data_pipeline import FULL, RESIZED, corpus_params, default_corpus_dir, ensure_corpus  # noqa: E402
@@ -59,9 +60,9 @@ class Sink:
         torch.set_num_threads(1)
         self.seconds = 0.0
 
-    def consume(self, images: torch.Tensor, labels: torch.Tensor, lighting: torch.Tensor) -> int:
+    def consume(self, images, labels, lighting) -> int:
         started = time.thread_time()
-        normalize_batch(images, lighting=lighting)
+        normalize_batch(from_object_store(images), lighting=from_object_store(lighting))  # the loaders': numpy
         self.seconds += time.thread_time() - started
         return int(labels.shape[0])
 

@@ -1,7 +1,9 @@
 """Helpers of the after-training tests (test_evaluate.py, test_infer.py, test_predict.py): a tiny
-trained run, its validation samples cut into several shards, and damaged shards."""
+trained run, its validation samples cut into several shards, and damaged shards; and the check of
+a command's one-line error (test_export.py too)."""
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -59,7 +61,15 @@ def last_epoch(run_dir: Path) -> dict:
     return [r for r in lines if r["kind"] == "epoch"][-1]
 
 
+# What Ray's log monitor forwards into this process's stderr from other processes of the session's
+# cluster, prefixed "(Name pid=N)" or "(raylet)" (coloured): an earlier test's actors winding down,
+# not the command under test.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FORWARDED = re.compile(r"^\((raylet|gcs_server|.* pid=\d+[^)]*)\) ")
+
+
 def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in (_ANSI.sub("", line) for line in err.splitlines())
+             if line.strip() and not _FORWARDED.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]

@@ -25,6 +25,7 @@ from cluster.ckpt.consolidate import load_export
 from cluster.launch.actor_mesh import ActorMesh
 from data.transforms import normalize_batch
 from parity import assert_rel_close, batches, small_config
+from serving import one_line_error
 from stages.config import ModelConfig
 from stages.grouped import GroupedAlexNet, from_grouped, grouped_from_state, grouped_keys, to_grouped
 from stages.reference import TwoTowerAlexNet
@@ -161,10 +162,9 @@ def assert_one_line_error(capsys, args: tuple, *phrases: str) -> None:
     """`python -m cluster.export *args` exits 2 with one line on stderr naming each phrase."""
     status, _, err = run_cli(capsys, *args)
     assert status == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    line = one_line_error(err)
     for phrase in phrases:
-        assert phrase in lines[0], lines[0]
+        assert phrase in line, line
 
 
 def test_export_of_a_hand_written_checkpoint_holds_its_weights(tmp_path, capsys):

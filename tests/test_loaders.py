@@ -5,13 +5,16 @@ of every loader of every replica are merged. Dead and hung loaders: tests/test_f
 
 import json
 import re
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from cluster.driver import main
 from cluster.inputs import InputPlan
 from cluster.launch.actor_mesh import ActorMesh
+from cluster.rank.staging import from_object_store
 from cluster.telemetry.history import read_history
 from data.loader import ShardBatches, decoded_in_process
 from data.shards import expand_shards, read_samples, write_shards
@@ -82,7 +85,9 @@ def test_the_loaders_make_the_replicas_batches_and_keep_prefetch_bounded(tiny_de
             local = reader.for_replica(r)
             for f in fed:
                 expected = local.batch(1, f.index)
-                images, labels, lighting = ray.get([f.images[r], f.labels[r], f.lighting[r]])
+                arrays = ray.get([f.images[r], f.labels[r], f.lighting[r]])
+                assert all(isinstance(array, np.ndarray) for array in arrays)  # Ray's copy-free kind
+                images, labels, lighting = map(from_object_store, arrays)
                 assert torch.equal(images, expected.images) and torch.equal(labels, expected.labels)
                 assert torch.equal(lighting, expected.lighting)
                 assert f.reports[r].loader == f.index % 2 and f.reports[r].replica == r
@@ -118,3 +123,15 @@ def test_bad_samples_of_both_replicas_are_counted_once_each(tiny_demo, tmp_path,
     assert "bad samples 3" in out, out  # the epoch table: replica 0's two and replica 1's one
     epoch = read_history(str(tmp_path / "run")).epochs[-1]
     assert epoch["bad_samples"] == {"train/undecodable image": 3}, json.dumps(epoch["bad_samples"])
+
+
+def test_a_read_only_array_out_of_the_object_store_becomes_a_tensor_without_a_copy():
+    array = np.arange(24, dtype=np.uint8).reshape(2, 3, 2, 2)
+    array.flags.writeable = False  # as Ray hands a loader's array out of the object store
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's read-only warning is answered in the docstring
+        tensor = from_object_store(array)
+    assert tensor.data_ptr() == array.ctypes.data
+    assert torch.equal(tensor, torch.arange(24, dtype=torch.uint8).view(2, 3, 2, 2))
+    ones = torch.ones(2)
+    assert from_object_store(ones) is ones and from_object_store(None) is None

@@ -13,10 +13,25 @@ configured memory format afterwards: normalising straight into a channels_last b
 slower (docs/BENCHMARKS.md).
 """
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from data.normalize import normalize_batch
+
+
+def from_object_store(array) -> Tensor | None:
+    """A batch's array as a tensor sharing its memory. The loaders return numpy arrays
+    (cluster/rank/loader.py), which Ray reads out of the node's object store without a copy,
+    read-only; nothing here writes into a batch (it is normalised into a buffer of its own), so
+    torch's warning about read-only memory does not apply. Tensors (tests, benches) and None pass
+    as they are."""
+    if array is None or isinstance(array, Tensor):
+        return array
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 class StagedBatch:

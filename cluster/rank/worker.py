@@ -40,7 +40,7 @@ from cluster.rank.pipeline import Link, StageLinks, StageRun, StepPlan
 from cluster.rank.precision import DTYPES, LossScaler, Precision, resolve
 from cluster.rank.procstats import process_stats
 from cluster.rank.report import EvalScores, ProbeReport, StepReport
-from cluster.rank.staging import PinnedBuffer, StagedBatch
+from cluster.rank.staging import PinnedBuffer, StagedBatch, from_object_store
 from stages.loss import (local_exchange, sharded_cross_entropy, sharded_target_value, sharded_topk_correct,
                          sharded_view_average, tower_loss)
 from stages.optim import PaperSGD, param_groups, set_rates
@@ -269,6 +269,7 @@ class TowerWorker:
         self.exchange_stats.reset()
         self.loss_stats.reset()
         set_rates(self.optimizer, plan.group_rates)
+        images, labels, lighting = map(from_object_store, (images, labels, lighting))
         run, loss, logits = self._gradients(plan, images, labels, lighting)
         optimizer_start = time.time()
         finite = True
@@ -301,6 +302,7 @@ class TowerWorker:
         images: uint8 (b, 3, h, w), or (b, views, 3, h, w) for the paper's 10-view test, whose
         softmax is averaged over the views. weights (b,): 0 for padding rows, else 1."""
         self.model.eval()
+        images, labels, weights = map(from_object_store, (images, labels, weights))
         scores: list[EvalScores] = []  # one per microbatch (last stage)
         views = self.config.eval_views
         if self.first_stage:
@@ -333,6 +335,7 @@ class TowerWorker:
         """One step's loss, logits (last stage, microbatches concatenated) and this process's
         gradients, without an optimizer step, named as in the reference network
         (`towers.{t}.layers...`)."""
+        images, labels, lighting = map(from_object_store, (images, labels, lighting))
         _, loss, logits = self._gradients(plan, images, labels, lighting)
         scale = self.scaler.scale if self.scaler is not None else 1.0  # fp16: the gradients of the loss itself
         grads = {self.reference_prefix + name: p.grad.detach().cpu() / scale

@@ -102,10 +102,9 @@ def _ray_start(command: list[str], env: dict, log: Path, what: str) -> int:
                                     start_new_session=True)
         try:
             proc.wait(timeout=90)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        except subprocess.TimeoutExpired:  # then its group is stopped like a failed start's
+            proc.kill()
+            proc.wait()
         if proc.returncode == 0:
             return proc.pid
         stop_session(proc.pid)

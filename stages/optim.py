@@ -27,7 +27,19 @@ PARAM_KINDS = ("weight", "bias")
 BIAS_LR_FACTOR_2012 = 2.0  # epsB / the initial epsW in layer-params-145.cfg: 0.02 / 0.01
 
 
+def _as_written(method):
+    """`torch.optim.Optimizer`'s `method` without its `torch._disable_dynamo` wrapper, whose first
+    call imports torch._dynamo: a second of CPU in every actor, as long as importing torch itself,
+    for an optimizer that is never compiled."""
+    return getattr(method, "__wrapped__", method)
+
+
 class PaperSGD(Optimizer):
+    add_param_group = _as_written(Optimizer.add_param_group)
+    zero_grad = _as_written(Optimizer.zero_grad)
+    state_dict = _as_written(Optimizer.state_dict)
+    load_state_dict = _as_written(Optimizer.load_state_dict)
+
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0005):
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if value < 0:

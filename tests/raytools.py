@@ -186,10 +186,11 @@ class WorkerNode:
     """A `ray start --address` of one test: a second raylet on 127.0.0.1 joined to the test's head."""
 
     def __init__(self, pgid: int, name: str):
-        self.pgid, self.name = pgid, name
+        self.pgid, self.name, self.killed = pgid, name, False
 
     def kill_raylet(self) -> None:
         """SIGKILL this node's raylet, as a lost machine would look to the cluster."""
+        self.killed = True
         for pid in nettools.process_tree(pgids=[self.pgid]):
             if _comm(pid) == "raylet":
                 os.kill(pid, signal.SIGKILL)

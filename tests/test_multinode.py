@@ -2,8 +2,10 @@
 separate `ray start` on 127.0.0.1 with its own raylet and resources. The driver's job spans them:
 one replica per node (both towers of a replica together), the same weights as the same job on one
 node; a worker node's raylet killed mid-run is survived once capacity comes back, and reported
-clearly when it does not."""
+clearly when it does not. The module's tests share one head (`cluster`); each starts with two live
+worker nodes, new ones joining in place of those an earlier test killed."""
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -35,6 +37,31 @@ def job_args(demo, run_dir, *extra) -> list[str]:
             "--image-size", "64", "--resize", "72", "--batch-size", "4", "--replicas", "2", "--epochs", "2",
             "--max-steps", str(STEPS), "--checkpoint-every", "2", "--log-every", "1", "--run-dir", str(run_dir),
             "--placement-timeout-s", "60", "--dropout", "0", *extra]
+
+
+class Cluster:
+    """The module's head (no CPUs, health checks every second) and the worker nodes joined to it."""
+
+    def __init__(self, head, tmp, stack: contextlib.ExitStack):
+        self.head, self.tmp, self._stack, self._nodes = head, tmp, stack, []
+
+    def add(self):
+        """Join a new worker node of 4 CPUs; it stays until the module ends (or a test kills it)."""
+        node = self._stack.enter_context(worker_node(self.head, self.tmp, f"node_{len(self._nodes)}"))
+        self._nodes.append(node)
+        return node
+
+    def two_live_nodes(self) -> list:
+        """Two worker nodes whose raylets run: those left by the tests before, then new ones."""
+        live = [node for node in self._nodes if not node.killed][:2]
+        return live + [self.add() for _ in range(2 - len(live))]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with short_tmpdir("mn") as tmp, contextlib.ExitStack() as stack:
+        head = stack.enter_context(own_head(tmp, num_cpus=0, extra_env=FAST_HEALTH_CHECKS))
+        yield Cluster(head, tmp, stack)
 
 
 @pytest.fixture(scope="module")
@@ -94,64 +121,64 @@ def wait_for(path, proc, log, timeout: float = 240) -> None:
 
 
 @pytest.mark.timeout(420)
-def test_a_job_spanning_two_worker_nodes_equals_the_single_node_run(tiny_demo, single_node_weights):
-    with short_tmpdir("mn") as tmp, own_head(tmp, num_cpus=0) as head, \
-            worker_node(head, tmp, "node_a") as node_a, worker_node(head, tmp, "node_b") as node_b:
-        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--loaders-per-replica", "2"), tmp / "driver.log")
-        listeners = set()
-        while proc.poll() is None:  # the three nodes' and the job's sockets, while it runs
-            tree = nettools.process_tree(roots=[proc.pid], pgids=[proc.pid, head.pgid, node_a.pgid, node_b.pgid])
-            listeners.update((l.process, l.addr) for l in nettools.listening_sockets(tree))
-            time.sleep(0.5)
-        assert {process for process, _ in listeners} >= {"raylet", "gcs_server"}
-        assert all(nettools.is_loopback(addr) for _, addr in listeners), listeners
-        out = (tmp / "driver.log").read_text()
-        assert proc.returncode == 0, out[-4000:]
-        rows = placement_rows(out)
-        assert [row[:4] for row in rows] == [["0", "0", "0", "0"], ["1", "0", "0", "1"], ["2", "1", "0", "0"],
-                                             ["3", "1", "0", "1"], ["L0.0", "0", "0", "-"], ["L0.1", "0", "0", "-"],
-                                             ["L1.0", "1", "0", "-"], ["L1.1", "1", "0", "-"]], out
-        nodes = [row[4] for row in rows]
-        assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], out  # towers together,
-        # replicas apart, and each replica's loaders on the node of its stage 0 (both its towers)
-        assert nodes[4] == nodes[5] == nodes[0] and nodes[6] == nodes[7] == nodes[2], out
-        assert re.search(r"^decoded: replica 0 loader 0 \d+, replica 0 loader 1 \d+, replica 1 loader 0 \d+, "
-                         r"replica 1 loader 1 \d+; the driver 0$", out, re.MULTILINE), out[-2000:]
-        assert f"done: {STEPS} steps" in out, out[-3000:]
-        weights = shard_tensors(tmp / "run" / f"checkpoint-{STEPS:08d}")
+def test_a_job_spanning_two_worker_nodes_equals_the_single_node_run(tiny_demo, single_node_weights, cluster, tmp_path):
+    node_a, node_b = cluster.two_live_nodes()
+    head = cluster.head
+    proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--loaders-per-replica", "2"), tmp_path / "driver.log")
+    listeners = set()
+    while proc.poll() is None:  # the three nodes' and the job's sockets, while it runs
+        tree = nettools.process_tree(roots=[proc.pid], pgids=[proc.pid, head.pgid, node_a.pgid, node_b.pgid])
+        listeners.update((l.process, l.addr) for l in nettools.listening_sockets(tree))
+        time.sleep(0.5)
+    assert {process for process, _ in listeners} >= {"raylet", "gcs_server"}
+    assert all(nettools.is_loopback(addr) for _, addr in listeners), listeners
+    out = (tmp_path / "driver.log").read_text()
+    assert proc.returncode == 0, out[-4000:]
+    rows = placement_rows(out)
+    assert [row[:4] for row in rows] == [["0", "0", "0", "0"], ["1", "0", "0", "1"], ["2", "1", "0", "0"],
+                                         ["3", "1", "0", "1"], ["L0.0", "0", "0", "-"], ["L0.1", "0", "0", "-"],
+                                         ["L1.0", "1", "0", "-"], ["L1.1", "1", "0", "-"]], out
+    nodes = [row[4] for row in rows]
+    assert nodes[0] == nodes[1] and nodes[2] == nodes[3] and nodes[0] != nodes[2], out  # towers together,
+    # replicas apart, and each replica's loaders on the node of its stage 0 (both its towers)
+    assert nodes[4] == nodes[5] == nodes[0] and nodes[6] == nodes[7] == nodes[2], out
+    assert re.search(r"^decoded: replica 0 loader 0 \d+, replica 0 loader 1 \d+, replica 1 loader 0 \d+, "
+                     r"replica 1 loader 1 \d+; the driver 0$", out, re.MULTILINE), out[-2000:]
+    assert f"done: {STEPS} steps" in out, out[-3000:]
+    weights = shard_tensors(tmp_path / "run" / f"checkpoint-{STEPS:08d}")
     assert weights.keys() == single_node_weights.keys()
     assert all(torch.equal(weights[name], single_node_weights[name]) for name in weights)
 
 
 @pytest.mark.timeout(480)
-def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_node_weights):
-    with short_tmpdir("mk") as tmp, own_head(tmp, num_cpus=0, extra_env=FAST_HEALTH_CHECKS) as head, \
-            worker_node(head, tmp, "node_a"), worker_node(head, tmp, "node_b") as node_b:
-        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--placement-timeout-s", "120"), tmp / "driver.log")
-        wait_for(tmp / "run" / "checkpoint-00000004" / checkpoint.MANIFEST, proc, tmp / "driver.log")
-        node_b.kill_raylet()
-        time.sleep(5)  # the mesh is down and waiting for a node
-        with worker_node(head, tmp, "node_c"):
-            proc.wait(timeout=360)
-        out = (tmp / "driver.log").read_text()
-        assert proc.returncode == 0, out[-4000:]
-        assert re.search(r"restart 1/3: \w+", out), out[-4000:]
-        assert f"done: {STEPS} steps" in out, out[-3000:]
-        weights = shard_tensors(tmp / "run" / f"checkpoint-{STEPS:08d}")
+def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_node_weights, cluster, tmp_path):
+    _, node_b = cluster.two_live_nodes()
+    head = cluster.head
+    proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--placement-timeout-s", "120"), tmp_path / "driver.log")
+    wait_for(tmp_path / "run" / "checkpoint-00000004" / checkpoint.MANIFEST, proc, tmp_path / "driver.log")
+    node_b.kill_raylet()
+    time.sleep(5)  # the mesh is down and waiting for a node
+    cluster.add()
+    proc.wait(timeout=360)
+    out = (tmp_path / "driver.log").read_text()
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(r"restart 1/3: \w+", out), out[-4000:]
+    assert f"done: {STEPS} steps" in out, out[-3000:]
+    weights = shard_tensors(tmp_path / "run" / f"checkpoint-{STEPS:08d}")
     assert all(torch.equal(weights[name], single_node_weights[name]) for name in weights)
 
 
 @pytest.mark.timeout(420)
-def test_a_lost_worker_node_that_does_not_come_back_stops_the_run_clearly(tiny_demo):
-    with short_tmpdir("ml") as tmp, own_head(tmp, num_cpus=0, extra_env=FAST_HEALTH_CHECKS) as head, \
-            worker_node(head, tmp, "node_a"), worker_node(head, tmp, "node_b") as node_b:
-        # 60 s, not 30: the same timeout bounds the placement and the first start of the six actors on
-        # freshly joined nodes, and with 30 s a CI run on 2 loaded cores stopped before its first checkpoint
-        proc = run_driver(head, job_args(tiny_demo, tmp / "run", "--placement-timeout-s", "60"), tmp / "driver.log")
-        wait_for(tmp / "run" / "checkpoint-00000002" / checkpoint.MANIFEST, proc, tmp / "driver.log")
-        node_b.kill_raylet()
-        proc.wait(timeout=300)
-        out = (tmp / "driver.log").read_text()
+def test_a_lost_worker_node_that_does_not_come_back_stops_the_run_clearly(tiny_demo, cluster, tmp_path):
+    _, node_b = cluster.two_live_nodes()
+    head = cluster.head
+    # 60 s, not 30: the same timeout bounds the placement and the first start of the six actors on
+    # freshly joined nodes, and with 30 s a CI run on 2 loaded cores stopped before its first checkpoint
+    proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--placement-timeout-s", "60"), tmp_path / "driver.log")
+    wait_for(tmp_path / "run" / "checkpoint-00000002" / checkpoint.MANIFEST, proc, tmp_path / "driver.log")
+    node_b.kill_raylet()
+    proc.wait(timeout=300)
+    out = (tmp_path / "driver.log").read_text()
     assert proc.returncode == 1, out[-4000:]
     assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 3\} on one node .* \(waited 60 s\)",
                      out), out[-4000:]

@@ -1,5 +1,10 @@
 """The paper's update rule, hand-computed across a learning-rate drop, and the schedules."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from stages.optim import MilestoneSchedule, PaperSGD, PlateauSchedule, Rates, set_rates
@@ -50,3 +55,33 @@ def test_milestones_reproduce_the_original_run():
     restored = MilestoneSchedule(0.01)
     restored.load_state_dict(s.state_dict())
     assert restored.lr == s.lr
+
+
+def test_the_optimizer_and_a_tower_worker_never_import_torch_dynamo():
+    """torch.optim.Optimizer wraps add_param_group, zero_grad, state_dict and load_state_dict in
+    torch._disable_dynamo, whose first call imports torch._dynamo: a second of CPU in every tower
+    actor, as long as importing torch. PaperSGD uses them as written; a fresh interpreter that
+    builds a worker and steps, saves and loads the optimizer has not imported it."""
+    tests = Path(__file__).resolve().parent
+    script = "\n".join([
+        "import sys, torch",
+        "from runs import one_process_worker",
+        "from stages.optim import PaperSGD",
+        "worker = one_process_worker()",
+        "w = torch.nn.Parameter(torch.ones(3))",
+        "opt = PaperSGD([w], lr=0.1)",
+        "w.grad = torch.ones(3)",
+        "opt.step()",
+        "state = opt.state_dict()",
+        "again = PaperSGD([w], lr=0.1)",
+        "again.load_state_dict(state)",
+        "assert torch.equal(again.state[w]['velocity'], opt.state[w]['velocity'])",
+        "again.zero_grad()",
+        "assert w.grad is None",
+        "worker.optimizer.load_state_dict(worker.optimizer.state_dict())",
+        "print('torch._dynamo' in sys.modules)",
+    ])
+    out = subprocess.run([sys.executable, "-c", script], cwd=tests.parent, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": f"{tests.parent}:{tests}"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False"], out.stdout

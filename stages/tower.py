@@ -112,6 +112,8 @@ def init_layer(block: nn.Sequential, name: str, cfg: ModelConfig, tower: int, se
     std = 0.03 if cfg.variant == "cuda-convnet-2012" and name in ("conv3", "conv4", "conv5") else 0.01
     generator = torch.Generator().manual_seed(seed * 1_000_003 + tower * 101 + LAYERS.index(name))
     learned = block.conv if hasattr(block, "conv") else block.fc
+    if learned.weight.is_meta:  # shapes only (parameter counts, splits): no values to draw, and a
+        return  # seeded normal_ on the meta device imports torch._dynamo (a second of CPU)
     with torch.no_grad():
         learned.weight.normal_(0.0, std, generator=generator)
         learned.bias.fill_(1.0 if name in BIAS_ONE_LAYERS else 0.0)

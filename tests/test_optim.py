@@ -57,11 +57,13 @@ def test_milestones_reproduce_the_original_run():
     assert restored.lr == s.lr
 
 
-def test_the_optimizer_and_a_tower_worker_never_import_torch_dynamo():
+def test_the_optimizer_a_tower_worker_and_the_parameter_count_never_import_torch_dynamo():
     """torch.optim.Optimizer wraps add_param_group, zero_grad, state_dict and load_state_dict in
     torch._disable_dynamo, whose first call imports torch._dynamo: a second of CPU in every tower
-    actor, as long as importing torch. PaperSGD uses them as written; a fresh interpreter that
-    builds a worker and steps, saves and loads the optimizer has not imported it."""
+    actor, as long as importing torch; so does a seeded normal_ on the meta device (the driver's
+    parameter count). PaperSGD uses those methods as written and init_layer draws nothing on the
+    meta device: a fresh interpreter that builds a worker, steps, saves and loads the optimizer
+    and counts the parameters has not imported it."""
     tests = Path(__file__).resolve().parent
     script = "\n".join([
         "import sys, torch",
@@ -79,6 +81,9 @@ def test_the_optimizer_and_a_tower_worker_never_import_torch_dynamo():
         "again.zero_grad()",
         "assert w.grad is None",
         "worker.optimizer.load_state_dict(worker.optimizer.state_dict())",
+        "from stages.config import ModelConfig",
+        "from stages.reference import parameter_count",
+        "assert parameter_count(ModelConfig()) == 60_965_224",
         "print('torch._dynamo' in sys.modules)",
     ])
     out = subprocess.run([sys.executable, "-c", script], cwd=tests.parent, capture_output=True, text=True,

@@ -90,3 +90,9 @@ def test_precision(tmp_path):
 def test_inference(tmp_path):
     out, result = run_bench("inference", tmp_path)
     assert "ratio infer / plain" in out and result["ratio"] > 0 and result["images"] == 20
+
+
+def test_actor_start(tmp_path):
+    out, result = run_bench("actor_start", tmp_path)
+    assert "ratio ours / baseline" in out and result["ratio"] > 0
+    assert result["imports_dynamo"] == {"baseline": True, "ours": False}

@@ -36,9 +36,10 @@ from torch.optim import Optimizer
 from cluster.config import TrainConfig
 from cluster.rank.worker import TowerWorker
 from stages.optim import PaperSGD
-if sys.argv[1] == "baseline":  # torch's methods as shipped: each wrapped in torch._disable_dynamo
-    for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict"):
-        setattr(PaperSGD, name, getattr(Optimizer, name))
+if sys.argv[1] == "baseline":  # the methods PaperSGD takes unwrapped, as torch ships them: in torch._disable_dynamo
+    for name, method in vars(Optimizer).items():
+        if hasattr(method, "__wrapped__") and name in vars(PaperSGD):
+            setattr(PaperSGD, name, method)
 config = TrainConfig(recipe="bench", num_classes=10, image_size=63, resize=63, dropout=0.0, batch_size=4, towers=1,
                      train_data="unused", val_data="unused", seed=0, channels_last=False)
 worker = TowerWorker(config, rank=0)

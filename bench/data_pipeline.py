@@ -35,7 +35,9 @@ with the passes of all pipelines interleaved so that a noisy neighbour hits each
     (the paper's preparation; the loader's resize step is then a no-op).
 (c') and (d'): (c) and (d) without `normalize_batch`, which is what a loader actor feeding GPU
     actors does: they normalise on the device (cluster/rank/staging.py). These rates set the
-    cores a GPU needs (cluster/plan/scaling.py).
+    cores a GPU needs (cluster/plan/scaling.py). (d') is also run with each sample's generator
+    built by numpy, as the reader did before data/seeding.py (the same bits): the ratio
+    (d') / that is what the batched seeding gains.
 
 img/s per core = images of one pass / MEDIAN wall time of `--passes` passes (after `--warmup`
 untimed ones). Each pipeline's CPU time / wall time is shown too: well below 100% means the core
@@ -94,6 +96,7 @@ from data.demo import (  # noqa: E402
     _load_photo,
     render_sample,
 )
+import data.loader  # noqa: E402
 from data.loader import ShardBatches  # noqa: E402
 from data.shards import expand_shards, read_samples  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
@@ -313,6 +316,18 @@ def make_loader(folder: str, batch_size: int) -> tuple[ShardBatches, float]:
     return loader, time.perf_counter() - start
 
 
+def numpy_seeded_pass(loader: ShardBatches, epoch: int) -> int:
+    """(d') with each sample's generator built by numpy, `PCG64(SeedSequence([seed, epoch, index]))`,
+    as the reader did before data/seeding.py hashed a batch's seeds together: the same bits."""
+    batched = data.loader.sample_words, data.loader.sample_rng
+    data.loader.sample_words = lambda seed, epoch, indices: [(seed, epoch, int(i)) for i in indices]
+    data.loader.sample_rng = lambda entropy: np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(entropy))))
+    try:
+        return loader_pass(loader, None, epoch)
+    finally:
+        data.loader.sample_words, data.loader.sample_rng = batched
+
+
 def loader_pass(loader: ShardBatches, out: torch.Tensor | None, epoch: int) -> int:
     """One training epoch of ``loader``, every batch normalised into ``out`` (None: not normalised,
     as a GPU actor's loader leaves it to the device, cluster/rank/staging.py); images done."""
@@ -420,6 +435,7 @@ def build_pipelines(corpus: str, files: CorpusFiles, batch_size: int) -> tuple[l
                  lambda p: decode_pass(resized_jpegs, simplejpeg_decode)),
         Pipeline("c_load", "(c') (c) without normalising (a GPU's loader)", lambda p: loader_pass(full, None, p)),
         Pipeline("d_load", "(d') (d) without normalising (a GPU's loader)", lambda p: loader_pass(resized, None, p)),
+        Pipeline("d_numpy", "    (d') seeded by numpy per sample (before)", lambda p: numpy_seeded_pass(resized, p)),
     ]
     return pipelines, {"full": scan_full, "256": scan_256, "source": full.index_source}
 
@@ -438,6 +454,11 @@ def ratios(pipelines: dict[str, Pipeline]) -> dict:
         value = pipelines[ours].images_per_second / pipelines[base].images_per_second
         found[f"{ours}/{base}"] = {"ratio": value, "target": target, "met": value >= target}
     return found
+
+
+def seeding_ratio(pipelines: dict[str, Pipeline]) -> float:
+    """(d') against (d') with numpy building each sample's generator: what data/seeding.py gains."""
+    return pipelines["d_load"].images_per_second / pipelines["d_numpy"].images_per_second
 
 
 def cpu_model() -> str:
@@ -493,6 +514,7 @@ def print_report(args: argparse.Namespace, corpus: str, stats: dict, scans: dict
         shown = f"{r['ratio']:.2f}× (target >= {r['target']:.1f}×)" if base == "a" else \
             f"{100 * r['ratio']:.1f}% (target >= {100 * r['target']:.0f}%)"
         print(f"({ours}) / ({base}): {shown}  {'met' if r['met'] else 'MISSED'}")
+    print(f"(d') / (d') seeded by numpy per sample: {seeding_ratio(by_key):.3f}× (the same bits)")
     if min(pipe.cpu_share for pipe in pipelines) < 0.95:
         print("note: some cpu/wall is below 95%: the core was shared, rerun alone for firm figures")
 
@@ -549,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                                                         "imagenet_bytes_per_image": IMAGENET_BYTES_PER_IMAGE},
                        "index_scan_seconds": {k: scans[k] for k in ("full", "256")},
                        "index_source": scans["source"],
-                       "results": {pipe.key: pipe.summary() for pipe in pipelines}, "ratios": found},
+                       "results": {pipe.key: pipe.summary() for pipe in pipelines}, "ratios": found,
+                       "seeding_ratio": seeding_ratio({pipe.key: pipe for pipe in pipelines})},
                       f, indent=1)
     return 0
 

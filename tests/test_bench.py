@@ -46,6 +46,7 @@ def test_checkpoint(tmp_path):
 def test_data_pipeline(tmp_path):
     out, result = run_bench("data_pipeline", tmp_path, "--corpus", str(tmp_path / "corpus"))
     assert {"c/a", "c/b", "d/a", "d/b", "d/b_256", "d_load/b_256"} <= result["ratios"].keys()
+    assert "seeded by numpy per sample" in out and result["seeding_ratio"] > 0
 
 
 def test_metrics_overhead(tmp_path, tiny_demo):

@@ -50,8 +50,8 @@ evaluation visits ``range(N)`` in index order. Replica ``r`` of ``R`` takes posi
 is on in that epoch (``lighting_epochs`` can turn it off from an epoch on, as the 2012 run did;
 the offset is drawn last, so the crops do not change). That generator is built as numpy builds
 it, but for a whole batch's samples at once (data/seeding.py: ~3.5 µs a sample against numpy's
-~16). Since ``index`` is global, a sample's
-view does not depend on the batch size, the replica count, the thread count or the resume point. The crop is drawn before the image is decoded, so
+~16). Since ``index`` is global, a sample's view does not depend on the batch size, the replica
+count, the thread count or the resume point. The crop is drawn before the image is decoded, so
 that only the part of the image the view needs is decoded (:meth:`TrainTransform.from_jpeg`,
 libjpeg-turbo's region decode in the extension ``data._jpegroi``); that part is bit for bit
 what a full decode gives, and a file it cannot take (or every file, when the extension is not
@@ -615,7 +615,7 @@ class ShardBatches:
         images = (torch.empty if self.train else torch.zeros)(shape, dtype=torch.uint8)
 
         # each training row's generator, default_rng([seed, epoch, index]), from one hash of all rows
-        words = sample_words(self.seed, epoch, np.maximum(indices, 0)) if self.train else None
+        words = sample_words(self.seed, epoch, indices) if self.train else None  # (no -1 padding rows: training)
 
         def fill(row: int) -> tuple[int, np.ndarray | None, float]:
             return self._fill(images, row, int(indices[row]), int(positions[row]), order, epoch,

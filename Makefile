@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml setup.py data/_jpegroi.c constraints.txt
 demo: $(STAMP)
 	$(PY) cluster/driver.py $(ARGS)
 
-# the whole suite, two workers (each test module in one), the ten slowest tests listed at the end
+# the whole suite, two workers (each test module on one, in tests/conftest.py's order: slowest
+# first), the ten slowest tests listed at the end
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder --durations=10 $(ARGS)
 
 # the tests that start no Ray (tests/conftest.py fails one that does), in a couple of minutes
 test-fast: $(STAMP)

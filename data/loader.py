@@ -105,7 +105,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
 
 import numpy as np
-import torch
 
 from data.convert import FORMAT as _MANIFEST_FORMAT
 from data.convert import MANIFEST as _MANIFEST
@@ -119,7 +118,7 @@ from data.transforms import (
     view_transform,
 )
 
-__all__ = ["Batch", "DataError", "IndexStats", "ShardBatches", "decoded_in_process", "scan_shard"]
+__all__ = ["Batch", "BatchArrays", "DataError", "IndexStats", "ShardBatches", "decoded_in_process", "scan_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +134,41 @@ class DataError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Batch:
-    """One step's batch for one replica."""
+class BatchArrays:
+    """One step's batch for one replica, as numpy arrays (:meth:`ShardBatches.arrays`: what a
+    loader actor makes and ships, with no PyTorch in its process)."""
 
-    images: torch.Tensor  # uint8 (B, 3, crop, crop), or (B, 10, 3, crop, crop) with views=10
-    labels: torch.Tensor  # int64 (B,)
-    lighting: torch.Tensor | None  # float32 (B, 3) PCA colour offsets, 0–255 scale; or None
-    weights: torch.Tensor | None  # float32 (B,): 1 real, 0 padding/unscorable; None when all 1
+    images: np.ndarray  # uint8 (B, 3, crop, crop), or (B, 10, 3, crop, crop) with views=10
+    labels: np.ndarray  # int64 (B,)
+    lighting: np.ndarray | None  # float32 (B, 3) PCA colour offsets, 0–255 scale; or None
+    weights: np.ndarray | None  # float32 (B,): 1 real, 0 padding/unscorable; None when all 1
     epoch: int
     index: int  # batch index within this replica's epoch
-    indices: torch.Tensor | None = None  # int64 (B,): sample index of each row, -1 for padding
+    indices: np.ndarray  # int64 (B,): sample index of each row, -1 for padding
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One step's batch for one replica, as tensors (:meth:`ShardBatches.batch`): the same memory
+    as its :class:`BatchArrays`."""
+
+    images: "torch.Tensor"  # uint8 (B, 3, crop, crop), or (B, 10, 3, crop, crop) with views=10
+    labels: "torch.Tensor"  # int64 (B,)
+    lighting: "torch.Tensor | None"  # float32 (B, 3) PCA colour offsets, 0–255 scale; or None
+    weights: "torch.Tensor | None"  # float32 (B,): 1 real, 0 padding/unscorable; None when all 1
+    epoch: int
+    index: int  # batch index within this replica's epoch
+    indices: "torch.Tensor | None" = None  # int64 (B,): sample index of each row, -1 for padding
+
+    @classmethod
+    def of(cls, arrays: BatchArrays) -> "Batch":
+        import torch
+
+        def tensor(array):
+            return None if array is None else torch.from_numpy(array)
+
+        return cls(tensor(arrays.images), tensor(arrays.labels), tensor(arrays.lighting), tensor(arrays.weights),
+                   arrays.epoch, arrays.index, tensor(arrays.indices))
 
 
 @dataclasses.dataclass
@@ -408,14 +432,14 @@ class ShardBatches:
         self._shards = np.array(shards, dtype=np.int32)  # (N,) into self._paths
         self._offsets = np.array(offsets, dtype=np.int64)  # (N,) byte offset of the image
         self._sizes = np.array(sizes, dtype=np.int64)  # (N,) image bytes
-        self._labels = torch.tensor(labels, dtype=torch.int64)  # (N,)
+        self._labels = np.array(labels, dtype=np.int64)  # (N,)
         self._n = len(labels)
         self._starts = np.searchsorted(self._shards, np.arange(len(paths) + 1))  # (S+1,)
         self._total = self.num_samples + self.read_stats.skipped  # every sample found
         digest = hashlib.sha256()
         for path in paths:
             digest.update(f"{os.path.basename(path)}\0".encode())
-        for array in (self._keys, self._shards, self._offsets, self._sizes, self._labels.numpy()):
+        for array in (self._keys, self._shards, self._offsets, self._sizes, self._labels):
             digest.update(array.tobytes())
         self.fingerprint = digest.hexdigest()[:16]
 
@@ -429,7 +453,7 @@ class ShardBatches:
         self._shards = np.repeat(np.arange(len(paths), dtype=np.int32), counts_array)  # (N,)
         self._offsets = np.zeros(n, dtype=np.int64)  # filled by _load_shard
         self._sizes = np.zeros(n, dtype=np.int64)
-        self._labels = torch.zeros(n, dtype=torch.int64)
+        self._labels = np.zeros(n, dtype=np.int64)
         self._n = n
         self._pending = set(range(len(paths)))
         self.read_stats = IndexStats(samples=n)
@@ -456,7 +480,7 @@ class ShardBatches:
                 )
             self._offsets[first:last] = [offset for _, offset, _, _ in entries]
             self._sizes[first:last] = [size for _, _, size, _ in entries]
-            self._labels[first:last] = torch.tensor([label for _, _, _, label in entries])
+            self._labels[first:last] = [label for _, _, _, label in entries]
             self._shard_keys[shard] = [key for key, _, _, _ in entries]
             self._pending.discard(shard)
 
@@ -586,6 +610,10 @@ class ShardBatches:
     def batch(self, epoch: int, b: int) -> Batch:
         """This replica's batch ``b`` of epoch ``epoch``, in any order of calls: the same bits as
         :meth:`epoch_batches` gives (a loader actor makes every K-th batch)."""
+        return Batch.of(self.arrays(epoch, b))
+
+    def arrays(self, epoch: int, b: int) -> BatchArrays:
+        """:meth:`batch` as numpy arrays."""
         self._check_position(epoch, "batch", b)
         if b == self.batches_per_epoch:
             raise ValueError(f"batch must be < batches_per_epoch={self.batches_per_epoch}, got {b}")
@@ -605,14 +633,14 @@ class ShardBatches:
         positions: np.ndarray,
         indices: np.ndarray,
         map_fn: Callable,
-    ) -> Batch:
+    ) -> BatchArrays:
         size = self.batch_size
         shape = (
             (size, 10, 3, self.crop, self.crop)
             if self.views == 10
             else (size, 3, self.crop, self.crop)
         )
-        images = (torch.empty if self.train else torch.zeros)(shape, dtype=torch.uint8)
+        images = (np.empty if self.train else np.zeros)(shape, dtype=np.uint8)
 
         # each training row's generator, default_rng([seed, epoch, index]), from one hash of all rows
         words = sample_words(self.seed, epoch, indices) if self.train else None  # (no -1 padding rows: training)
@@ -622,19 +650,19 @@ class ShardBatches:
                               None if words is None else words[row])
 
         rows = list(map_fn(fill, range(size)))
-        used = torch.tensor([index for index, _, _ in rows], dtype=torch.int64)  # (B,)
-        labels = torch.where(used >= 0, self._labels[used.clamp(min=0)], 0)  # (B,)
+        used = np.array([index for index, _, _ in rows], dtype=np.int64)  # (B,)
+        labels = np.where(used >= 0, self._labels[np.maximum(used, 0)], 0)  # (B,) int64
         lighting = None
         if self.lighting_in(epoch) is not None:
-            lighting = torch.from_numpy(np.stack([shift for _, shift, _ in rows]))  # (B, 3)
-        weights = torch.tensor([w for _, _, w in rows], dtype=torch.float32)  # (B,)
-        return Batch(
+            lighting = np.stack([shift for _, shift, _ in rows])  # (B, 3) float32
+        weights = np.array([w for _, _, w in rows], dtype=np.float32)  # (B,)
+        return BatchArrays(
             images, labels, lighting, None if bool(weights.all()) else weights, epoch, b, used
         )
 
     def _fill(
         self,
-        images: torch.Tensor,
+        images: np.ndarray,
         row: int,
         index: int,
         position: int,

@@ -24,7 +24,6 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import simplejpeg
-import webdataset
 from PIL import Image
 
 __all__ = [
@@ -127,6 +126,8 @@ def _checked_sample(sample: Sample) -> _Checked:
 
 def _write_one_shard(batch: list[_Checked], final: str) -> str:
     """Write ``batch`` to ``.{name}.tmp-<pid>`` beside ``final``, then rename it to ``final``."""
+    import webdataset  # here, not at the top: it imports PyTorch, which reading shards never needs
+
     out_dir, name = os.path.split(final)
     tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}")
     try:

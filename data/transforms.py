@@ -26,6 +26,11 @@ row of the batch in one C call (``_jpegroi.resample``; ``_jpegroi.decode_view`` 
 after the region decode, so the window never reaches Python). It does the integer arithmetic of
 torch's antialiased bilinear uint8 kernel with the same weights, so its pixels are torch's bit
 for bit; without the extension torch does it (``TrainTransform._torch_view``).
+
+Arrays, not tensors: every view is a numpy uint8 array, and PyTorch is imported only where it
+computes (a resize without the extension, :func:`_square`'s evaluation resize) or is asked for
+(:func:`normalize_batch`), so that a loader actor, which builds its batches with the extension
+from pre-resized or full-size shards, starts without it (cluster/rank/loader.py).
 """
 
 from __future__ import annotations
@@ -38,11 +43,7 @@ import typing
 
 import numpy as np
 import simplejpeg
-import torch
-import torch.nn.functional as F
 from PIL import Image
-
-from data.normalize import MEAN_RGB, normalize_batch  # torch only: the actors import it from there
 
 try:  # the region-of-interest JPEG decoder (data/_jpegroi.c), built by `pip install -e .`
     from data import _jpegroi
@@ -64,6 +65,15 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str):
+    """``MEAN_RGB`` and ``normalize_batch``, from data/normalize.py (PyTorch's) when first asked for."""
+    if name in ("MEAN_RGB", "normalize_batch"):
+        from data import normalize
+
+        return getattr(normalize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # PCA colour augmentation (PAPER.md §Data): RGB eigenvectors as columns, rows R, G, B.
 PCA_EIGENVECTORS = np.array([[-0.5675, 0.7192, 0.4009],
@@ -100,7 +110,7 @@ def decode_rgb(jpg: bytes) -> np.ndarray:
             pass  # let PIL try: it is more lenient with unusual files
     try:
         with Image.open(io.BytesIO(jpg)) as image:
-            return np.array(image.convert("RGB"))  # (H, W, 3), writable: torch.from_numpy takes it
+            return np.array(image.convert("RGB"))  # (H, W, 3), writable
     except Exception as err:  # PIL raises many types for bad data
         raise ValueError(f"cannot decode image ({len(jpg)} bytes): {err}") from err
 
@@ -162,14 +172,17 @@ def _square(image: np.ndarray, size: int) -> np.ndarray:
     square = image[top : top + side, left : left + side]  # (side, side, 3)
     if side == size:
         return square
+    import torch
+    import torch.nn.functional as F
+
     pixels = torch.from_numpy(square).permute(2, 0, 1).unsqueeze(0)  # (1, 3, side, side), channels last
     resized = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return resized[0].permute(1, 2, 0).numpy()  # (size, size, 3)
 
 
-def _to_chw(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 array → contiguous (3, H, W) uint8 tensor."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+def _to_chw(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 array → contiguous (3, H, W) uint8 array."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
 
 
 class _CropTransform:
@@ -219,15 +232,15 @@ class TrainTransform(_CropTransform):
     """
 
     def __call__(
-        self, image: np.ndarray, rng: np.random.Generator, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor, written into ``out`` when given."""
+        self, image: np.ndarray, rng: np.random.Generator, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(H, W, 3) uint8 → (3, crop, crop) uint8 array, written into ``out`` when given."""
         top, left, flip = self._draw(rng)
         return self._view(image, top, left, flip, out)
 
     def from_jpeg(
-        self, jpg: bytes, rng: np.random.Generator, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, jpg: bytes, rng: np.random.Generator, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Image bytes → the view ``self(decode_rgb(jpg), rng, out)`` gives, bit for bit.
 
         Only the source window is decoded when :func:`decode_region` can (a JPEG in YCbCr,
@@ -241,7 +254,7 @@ class TrainTransform(_CropTransform):
         if size is not None:
             view = self._target(out)
             if _decode_view(jpg, self._plan(*size, top, left), self.crop, flip, view):
-                return view if out is None or view is out else out.copy_(view)
+                return _into(out, view)
         return self._view(decode_rgb(jpg), top, left, flip, out)
 
     def _draw(self, rng: np.random.Generator) -> tuple[int, int, bool]:
@@ -250,12 +263,12 @@ class TrainTransform(_CropTransform):
         top, left = int(rng.integers(span)), int(rng.integers(span))
         return top, left, bool(rng.random() < 0.5)
 
-    def _target(self, out: torch.Tensor | None) -> torch.Tensor:
-        """Where the C functions write the view: ``out``, unless it is not a contiguous
-        (3, crop, crop) uint8 tensor (then a new one, copied into ``out`` after)."""
+    def _target(self, out: np.ndarray | None) -> np.ndarray:
+        """Where the C functions write the view: ``out``, unless it is not a C-contiguous
+        (3, crop, crop) uint8 array (then a new one, copied into ``out`` after)."""
         shape = (3, self.crop, self.crop)
-        if out is None or out.dtype != torch.uint8 or out.shape != shape or not out.is_contiguous():
-            return torch.empty(shape, dtype=torch.uint8)
+        if out is None or out.dtype != np.uint8 or out.shape != shape or not out.flags.c_contiguous:
+            return np.empty(shape, dtype=np.uint8)
         return out
 
     def _plan(self, height: int, width: int, top: int, left: int) -> _Plan:
@@ -276,22 +289,25 @@ class TrainTransform(_CropTransform):
         return _Plan((y0 + r0, y0 + r1), (x0 + c0, x0 + c1), scale_factor, dy, dx)
 
     def _view(
-        self, image: np.ndarray, top: int, left: int, flip: bool, out: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, image: np.ndarray, top: int, left: int, flip: bool, out: np.ndarray | None
+    ) -> np.ndarray:
         """The view of a decoded (H, W, 3) image, written into ``out`` when given."""
         plan = self._plan(image.shape[0], image.shape[1], top, left)
         (r0, r1), (c0, c1) = plan.rows, plan.cols
         if _jpegroi is not None and image.flags.c_contiguous and image.dtype == np.uint8:
             view = self._target(out)
             _jpegroi.resample(image, image.strides[0], r0, c0, r1 - r0, c1 - c0,
-                              plan.scale_factor, plan.dy, plan.dx, self.crop, flip, view.numpy())
-            return view if out is None or view is out else out.copy_(view)
+                              plan.scale_factor, plan.dy, plan.dx, self.crop, flip, view)
+            return _into(out, view)
         return self._torch_view(image[r0:r1, c0:c1], plan, flip, out)
 
     def _torch_view(
-        self, window: np.ndarray, plan: _Plan, flip: bool, out: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, window: np.ndarray, plan: _Plan, flip: bool, out: np.ndarray | None
+    ) -> np.ndarray:
         """What ``_jpegroi.resample`` does, with torch: the window (h, w, 3) → the patch."""
+        import torch
+        import torch.nn.functional as F
+
         pixels = torch.from_numpy(window).permute(2, 0, 1)  # (3, h, w), channels last
         if plan.scale_factor != 1.0:
             pixels = F.interpolate(pixels.unsqueeze(0), scale_factor=plan.scale_factor,
@@ -300,9 +316,7 @@ class TrainTransform(_CropTransform):
         patch = pixels[:, plan.dy : plan.dy + self.crop, plan.dx : plan.dx + self.crop]
         if flip:
             patch = patch.flip(-1)
-        if out is None:
-            return patch.contiguous()
-        return out.copy_(patch)
+        return _into(out, patch.contiguous().numpy())
 
     def _window(self, start: int, scale: float, side: int) -> tuple[int, int]:
         """Source pixels [a, b) of the square whose resize covers output pixels
@@ -317,7 +331,15 @@ class TrainTransform(_CropTransform):
         return max(0, min(round(start - first / scale), size - self.crop))
 
 
-def _decode_view(jpg: bytes, plan: _Plan, crop: int, flip: bool, out: torch.Tensor) -> bool:
+def _into(out: np.ndarray | None, view: np.ndarray) -> np.ndarray:
+    """``view``, copied into ``out`` when one is given and it is not ``view`` itself."""
+    if out is None or out is view:
+        return view
+    out[...] = view
+    return out
+
+
+def _decode_view(jpg: bytes, plan: _Plan, crop: int, flip: bool, out: np.ndarray) -> bool:
     """Decode only ``plan``'s window of a JPEG (one :func:`region_size` accepts) and write its
     view into ``out`` (``data._jpegroi.decode_view``): True, or False when libjpeg reports
     corrupt or truncated data, even only a warning (:func:`decode_rgb` then decides, as for any
@@ -325,7 +347,7 @@ def _decode_view(jpg: bytes, plan: _Plan, crop: int, flip: bool, out: torch.Tens
     (r0, r1), (c0, c1) = plan.rows, plan.cols
     try:
         _jpegroi.decode_view(jpg, r0, c0, r1 - r0, c1 - c0, plan.scale_factor, plan.dy, plan.dx,
-                             crop, flip, out.numpy())
+                             crop, flip, out)
     except ValueError:
         return False
     return True
@@ -344,8 +366,8 @@ class EvalTransform(_CropTransform):
     """Evaluation view: 256 square, centre ``crop`` patch. Deterministic."""
 
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 → (3, crop, crop) uint8 tensor."""
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 → (3, crop, crop) uint8 array."""
         square = _square(image, self.resize)  # (resize, resize, 3)
         offset = (self.resize - self.crop) // 2
         return _to_chw(square[offset : offset + self.crop, offset : offset + self.crop])
@@ -356,14 +378,14 @@ class TenViewTransform(_CropTransform):
     square, then the same five flipped. Deterministic; the network's softmax is averaged over them."""
 
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 → (10, 3, crop, crop) uint8 tensor: TL, TR, BL, BR, centre, then flips."""
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 → (10, 3, crop, crop) uint8 array: TL, TR, BL, BR, centre, then flips."""
         square = _square(image, self.resize)  # (resize, resize, 3)
         far, mid = self.resize - self.crop, (self.resize - self.crop) // 2
         corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
         views = [square[top : top + self.crop, left : left + self.crop] for top, left in corners]
         views += [view[:, ::-1] for view in views]
-        return torch.stack([_to_chw(view) for view in views])
+        return np.stack([_to_chw(view) for view in views])
 
 
 def view_transform(resize: int, crop: int, views: int) -> EvalTransform | TenViewTransform:

@@ -236,8 +236,8 @@ def test_eval_transform_is_the_exact_centre_crop() -> None:
     # resampling) and the centre 224 crop is rows 16..239, columns 48..271.
     image = _coordinate_image(256, 320)
     out = EvalTransform()(image)
-    assert out.dtype == torch.uint8 and out.shape == (3, 224, 224)
-    assert torch.equal(out, torch.from_numpy(image[16:240, 48:272]).permute(2, 0, 1))
+    assert out.dtype == np.uint8 and out.shape == (3, 224, 224) and out.flags.c_contiguous
+    assert np.array_equal(out, image[16:240, 48:272].transpose(2, 0, 1))
 
 
 def test_eval_transform_resizes_the_shorter_side() -> None:
@@ -245,24 +245,24 @@ def test_eval_transform_resizes_the_shorter_side() -> None:
     image[:] = (10, 20, 30)
     out = EvalTransform()(image)
     assert out.shape == (3, 224, 224)
-    colour = torch.tensor([10, 20, 30], dtype=torch.uint8).view(3, 1, 1)
-    assert torch.equal(out, colour.expand_as(out))
+    colour = np.array([10, 20, 30], dtype=np.uint8).reshape(3, 1, 1)
+    assert np.array_equal(out, np.broadcast_to(colour, out.shape))
 
 
 def test_train_transform_is_a_random_crop_and_flip_from_the_rng() -> None:
     image = _coordinate_image(256, 300)  # square = columns 22..277
     transform = TrainTransform()
     views = [transform(image, np.random.default_rng(s)) for s in range(6)]
-    assert all(v.dtype == torch.uint8 and v.shape == (3, 224, 224) for v in views)
-    assert torch.equal(views[0], transform(image, np.random.default_rng(0)))
-    assert len({v.numpy().tobytes() for v in views}) == 6
+    assert all(v.dtype == np.uint8 and v.shape == (3, 224, 224) for v in views)
+    assert np.array_equal(views[0], transform(image, np.random.default_rng(0)))
+    assert len({v.tobytes() for v in views}) == 6
     for seed, view in enumerate(views):
         # The draws, in order: top, left in 0..32 (256 - 224 + 1 choices), then the flip.
         rng = np.random.default_rng(seed)
         top, left, flip = rng.integers(33), rng.integers(33), rng.random() < 0.5
         patch = image[top : top + 224, 22 + left : 22 + left + 224]
         patch = patch[:, ::-1] if flip else patch
-        assert torch.equal(view, torch.from_numpy(patch.copy()).permute(2, 0, 1))
+        assert np.array_equal(view, patch.transpose(2, 0, 1))
 
 
 @pytest.mark.parametrize("height, width", [(375, 500), (700, 530), (200, 240)])
@@ -284,14 +284,14 @@ def test_train_transform_resizes_only_the_patch_it_keeps(height: int, width: int
         patch = _square(image, 256)[top : top + 224, left : left + 224]
         patch = patch[:, ::-1] if flip else patch
         exact = torch.from_numpy(patch.copy()).permute(2, 0, 1)
-        error = view.double() - exact.double()  # (3, 224, 224)
+        error = torch.from_numpy(view).double() - exact.double()  # (3, 224, 224)
         assert error.abs().max() <= step * max(scale, 1) / 2 + 1.5, (seed, error.abs().max())
         # the shift itself, in output pixels, from the mean error along each ramp: R runs down
         # the rows, G along the columns (4 levels of rounding noise average out over 50k pixels)
         shift_rows, shift_cols = (abs(error[c].mean().item()) / (step * scale) for c in (0, 1))
         assert shift_rows < 0.55 and shift_cols < 0.55, (seed, shift_rows, shift_cols)
-        into = torch.empty(3, 224, 224, dtype=torch.uint8)
-        assert transform(image, np.random.default_rng(seed), out=into) is into and torch.equal(into, view)
+        into = np.empty((3, 224, 224), dtype=np.uint8)
+        assert transform(image, np.random.default_rng(seed), out=into) is into and np.array_equal(into, view)
 
 
 def test_normalize_batch_subtracts_only_the_mean() -> None:

@@ -186,7 +186,7 @@ def test_threads_decode_at_once() -> None:
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         got = list(pool.map(
             lambda i: transform.from_jpeg(jpgs[i % 4], np.random.default_rng(i % 4)), range(32)))
-    assert all(torch.equal(g, views[i % 4]) for i, g in enumerate(got))
+    assert all(np.array_equal(g, views[i % 4]) for i, g in enumerate(got))
 
 
 # ---------------------------------------------------------------- the resize
@@ -229,7 +229,7 @@ def test_resample_is_torchs_antialiased_resize_bit_for_bit(simd: bool) -> None:
                         (r0, r1), (c0, c1) = plan.rows, plan.cols
                         want = transform._torch_view(image[r0:r1, c0:c1], plan, flip, None)
                         got = _resampled(image, plan, transform.crop, flip)
-                        assert np.array_equal(got, want.numpy()), (simd, height, width, seed)
+                        assert np.array_equal(got, want), (simd, height, width, seed)
         # any window, scale factor and patch, not only the training views'
         rng = np.random.default_rng(1)
         image = _ramps(300, 420)
@@ -285,10 +285,10 @@ def test_resample_checks_its_arguments(change: dict, words: str) -> None:
 def _same_view(transform: TrainTransform, jpg: bytes, seed: int) -> None:
     """from_jpeg(jpg) equals the array path on decode_rgb(jpg), and draws the same."""
     a, b = np.random.default_rng(seed), np.random.default_rng(seed)
-    out = torch.empty(3, transform.crop, transform.crop, dtype=torch.uint8)
+    out = np.empty((3, transform.crop, transform.crop), dtype=np.uint8)
     got = transform.from_jpeg(jpg, a, out=out)
     assert got is out
-    assert torch.equal(got, transform(decode_rgb(jpg), b)), seed
+    assert np.array_equal(got, transform(decode_rgb(jpg), b)), seed
     assert a.random() == b.random()  # the lighting draw that follows is the same
 
 
@@ -338,7 +338,7 @@ def test_without_the_extension_one_warning_and_the_same_views(
     transforms._warn_no_region_decoder.cache_clear()
     with caplog.at_level(logging.WARNING, logger="data.transforms"):
         views = [TrainTransform().from_jpeg(jpg, np.random.default_rng(3)) for _ in range(3)]
-    assert all(torch.equal(v, want) for v in views)
+    assert all(np.array_equal(v, want) for v in views)
     assert caplog.text.count("data._jpegroi is not built") == 1
 
 
@@ -402,7 +402,7 @@ def test_loader_decodes_only_the_window(mixed_shards: str, monkeypatch: pytest.M
     asked = []
     decode_view = transforms._decode_view
 
-    def spy(jpg: bytes, plan, crop: int, flip: bool, out: torch.Tensor) -> bool:
+    def spy(jpg: bytes, plan, crop: int, flip: bool, out: np.ndarray) -> bool:
         asked.append((plan.rows, plan.cols, region_size(jpg)))
         assert decode_view(jpg, plan, crop, flip, out)  # decoded in part, not by decode_rgb
         return True

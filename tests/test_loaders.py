@@ -1,7 +1,7 @@
 """Loader actors (cluster/launch/loaders.py, cluster/rank/loader.py): the driver decodes nothing;
 the weights are bitwise the same whatever the loader count, and a checkpoint goes on with another;
-what a loader actor makes is what the replica's reader makes; prefetch stays bounded; bad samples
-of every loader of every replica are merged. Dead and hung loaders: tests/test_faults.py."""
+what a loader actor makes is what the replica's reader makes, without PyTorch in its process;
+prefetch stays bounded; bad samples of every loader of every replica are merged. Dead and hung loaders: tests/test_faults.py."""
 
 import json
 import re
@@ -93,8 +93,17 @@ def test_the_loaders_make_the_replicas_batches_and_keep_prefetch_bounded(tiny_de
                 assert f.reports[r].loader == f.index % 2 and f.reports[r].replica == r
         rows = workers.placement_table().splitlines()
         assert [row.split()[0] for row in rows[-4:]] == ["L0.0", "L0.1", "L1.0", "L1.1"]
+        # the loaders made all that without PyTorch in their processes; the tower actors have it
+        assert not any(_maps_torch(where["pid"]) for replica in loaders.where for where in replica)
+        assert all(_maps_torch(where["pid"]) for where in workers.where)
     finally:
         workers.shutdown()
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether process `pid` (on this machine) has PyTorch's library loaded."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return "libtorch" in maps.read()
 
 
 def _with_bad_images(demo, out_dir, bad: set[int]) -> str:

@@ -10,7 +10,9 @@ it: the weights are the same for every K, and a checkpoint taken with one K resu
 object store — the loaders run on the node of their replica's stage 0 (cluster/launch/loaders.py)
 — and the tower actors there read them from it; the driver handles only references, and the
 small `LoadReport` that comes with each batch. The driver wraps this class as a Ray actor;
-nothing here imports Ray but `where`, so tests can also drive it in-process.
+nothing here imports Ray but `where`, so tests can also drive it in-process. Nor PyTorch: the
+batches are numpy arrays from start to end (data/loader.py `ShardBatches.arrays`), so a loader
+actor starts without PyTorch's second and more of import (tests/test_loaders.py checks it).
 """
 
 import dataclasses
@@ -18,10 +20,8 @@ import os
 import socket
 import time
 
-import torch
-
 from cluster import faults
-from data.loader import Batch, ShardBatches
+from data.loader import BatchArrays, ShardBatches
 
 SPLITS = ("train", "val")
 
@@ -49,7 +49,6 @@ class LoaderWorker:
             raise ValueError(f"loader {loader} is outside 0..{loaders - 1}")
         self.replica, self.loader, self.loaders = replica, loader, loaders
         self.readers = {split: reader.for_replica(replica) for split, reader in readers.items()}
-        torch.set_num_threads(1)  # decoding threads are the reader's own (num_threads)
         self._reported: dict[str, set[int]] = {split: set() for split in readers}
 
     def where(self) -> dict:
@@ -62,8 +61,7 @@ class LoaderWorker:
 
     def load(self, split: str, epoch: int, batch: int):
         """Batch `batch` of `epoch` of this replica's `split`: (images, labels, lighting,
-        weights, LoadReport), the four as numpy arrays sharing the batch's memory (lighting and
-        weights may be None). It must be one of this loader's (batch ≡ loader mod loaders).
+        weights, LoadReport), the four as numpy arrays (lighting and weights may be None). It must be one of this loader's (batch ≡ loader mod loaders).
 
         numpy, not torch: Ray writes a numpy array into the object store and reads it back out
         without a copy (cluster/rank/staging.py `from_object_store` makes it a tensor again),
@@ -77,13 +75,12 @@ class LoaderWorker:
         reader = self.readers[split]
         decoded_before = reader.decoded
         started = time.perf_counter()
-        made: Batch = reader.batch(epoch, batch)
+        made: BatchArrays = reader.arrays(epoch, batch)
         bad = {index: reason for index, reason in reader.bad_samples().items() if index not in self._reported[split]}
         self._reported[split].update(bad)
         report = LoadReport(self.replica, self.loader, epoch, batch, reader.decoded - decoded_before,
                             time.perf_counter() - started, bad)
-        return (*(None if tensor is None else tensor.numpy() for tensor in
-                  (made.images, made.labels, made.lighting, made.weights)), report)
+        return made.images, made.labels, made.lighting, made.weights, report
 
     def shutdown(self) -> None:
         for reader in self.readers.values():

@@ -27,7 +27,7 @@ from stages.loss import local_exchange, sharded_view_average
 def image_views(data: bytes, transform: EvalTransform | TenViewTransform) -> np.ndarray:
     """Encoded image bytes (JPEG, PNG, ...) → uint8 (3, crop, crop), or (10, 3, crop, crop) for ten
     views. Raises ValueError when the bytes do not decode as an image."""
-    return transform(decode_rgb(data)).numpy()
+    return transform(decode_rgb(data))
 
 
 class Scorer:

@@ -255,6 +255,8 @@ static int run_decode(Job *job) {
  *   - the horizontal pass runs first and rounds to uint8 (add 2^(precision-1), shift right,
  *     clamp to 0..255), then the vertical pass the same way.
  * Integer sums are exact, so the order of the additions (SIMD or not) does not matter.
+ * An evaluation view (EvalTransform, TenViewTransform: `resize`) is the same arithmetic with the
+ * output size given, as F.interpolate(..., size=...) does it: out = that size, scale = in / out.
  */
 
 #define RESAMPLE_PAD 16 /* bytes readable past a row's last pixel that the SIMD kernels load */
@@ -281,9 +283,10 @@ static void axis_free(Axis *a) {
 
 /* The weights of outputs first..first+count-1 of an axis of `in` input and `out` output pixels
  * (see above), taps padded up to a multiple of `multiple` (at most `in`); 0, or -1 when out of
- * memory. Every output's weights are computed: the precision depends on the largest of all. */
-static int axis_init(Axis *a, long in, long out, double sf, long first, long count, int multiple) {
-  const double scale = 1.0 / sf; /* torch: area_pixel_compute_scale(..., scale_factor) */
+ * memory. Every output's weights are computed: the precision depends on the largest of all.
+ * `scale`: input pixels per output pixel as torch's area_pixel_compute_scale has it, 1 / sf for
+ * a scale factor, in / out for a size. */
+static int axis_init(Axis *a, long in, long out, double scale, long first, long count, int multiple) {
   const double support = scale >= 1.0 ? scale : 1.0;
   const double invscale = scale >= 1.0 ? 1.0 / scale : 1.0;
   const long max_size = (long)ceil(support) * 2 + 1;
@@ -663,12 +666,13 @@ static void copy_patch(const uint8_t *src, Py_ssize_t stride, long dy, long dx, 
 }
 
 /* The (3, crop, crop) patch of an h x w RGB window (row stride `stride` bytes; `end` is the
- * first byte past the source buffer) resized by sf, at (dy, dx) of the resized grid, mirrored
- * when flip, into `out`. 0, or -1 when out of memory. No Python calls: run it without the GIL.
- * The caller checks that 0 <= dy, dx and dy + crop, dx + crop <= trunc(h * sf), trunc(w * sf). */
+ * first byte past the source buffer) resized to out_h x out_w with input pixels per output pixel
+ * scale_y, scale_x (see axis_init), at (dy, dx) of the resized grid, mirrored when flip, into
+ * `out`. 0, or -1 when out of memory. No Python calls: run it without the GIL. The caller checks
+ * that 0 <= dy, dx and dy + crop, dx + crop <= out_h, out_w (check_inside). */
 static int resample_patch(const uint8_t *src, Py_ssize_t stride, const uint8_t *end, long h, long w,
-                          double sf, long dy, long dx, long crop, int flip, uint8_t *out) {
-  const long out_h = (long)((double)h * sf), out_w = (long)((double)w * sf);
+                          long out_h, long out_w, double scale_y, double scale_x, long dy, long dx,
+                          long crop, int flip, uint8_t *out) {
   const int need_h = out_w != w, need_v = out_h != h;
   Axis ax = {0}, ay = {0};
 #ifdef RESAMPLE_AVX2
@@ -681,8 +685,8 @@ static int resample_patch(const uint8_t *src, Py_ssize_t stride, const uint8_t *
     copy_patch(src, stride, dy, dx, crop, flip, out);
     return 0;
   }
-  if (need_h && axis_init(&ax, w, out_w, sf, dx, crop, 4) != 0) goto done;
-  if (need_v && axis_init(&ay, h, out_h, sf, dy, crop, 2) != 0) goto done;
+  if (need_h && axis_init(&ax, w, out_w, scale_x, dx, crop, 4) != 0) goto done;
+  if (need_v && axis_init(&ay, h, out_h, scale_y, dy, crop, 2) != 0) goto done;
   /* the window rows the patch needs */
   long y_lo = dy, y_hi = dy + crop;
   if (need_v) {
@@ -829,20 +833,10 @@ done:
   return result;
 }
 
-/* Check a patch request (see resample_patch); 0, or -1 with ValueError set. */
-static int check_patch(long height, long width, double sf, long dy, long dx, long crop,
-                       Py_ssize_t out_len) {
-  if (check_arg("height", height, 1) || check_arg("width", width, 1) ||
-      check_arg("crop", crop, 1) || check_arg("dy", dy, 0) || check_arg("dx", dx, 0))
-    return -1;
-  if (!(sf > 0.0 && (double)height * sf < 1e9 && (double)width * sf < 1e9)) {
-    char text[64];
-    snprintf(text, sizeof(text), "%g", sf);
-    PyErr_Format(PyExc_ValueError, "scale_factor must be > 0 and keep the sizes sane, got %s",
-                 text);
-    return -1;
-  }
-  const long out_h = (long)((double)height * sf), out_w = (long)((double)width * sf);
+/* Check that the crop x crop patch at (dy, dx) lies in the out_h x out_w resized window and that
+ * `out` holds it; 0, or -1 with ValueError set. */
+static int check_inside(long out_h, long out_w, long dy, long dx, long crop, Py_ssize_t out_len) {
+  if (check_arg("crop", crop, 1) || check_arg("dy", dy, 0) || check_arg("dx", dx, 0)) return -1;
   if (dy > out_h - crop || dx > out_w - crop) {
     PyErr_Format(PyExc_ValueError,
                  "patch rows %ld..%ld, columns %ld..%ld is not inside the %ldx%ld resized window",
@@ -855,6 +849,55 @@ static int check_patch(long height, long width, double sf, long dy, long dx, lon
     return -1;
   }
   return 0;
+}
+
+/* Check a patch request by scale factor (see resample_patch); 0, or -1 with ValueError set. */
+static int check_patch(long height, long width, double sf, long dy, long dx, long crop,
+                       Py_ssize_t out_len) {
+  if (check_arg("height", height, 1) || check_arg("width", width, 1)) return -1;
+  if (!(sf > 0.0 && (double)height * sf < 1e9 && (double)width * sf < 1e9)) {
+    char text[64];
+    snprintf(text, sizeof(text), "%g", sf);
+    PyErr_Format(PyExc_ValueError, "scale_factor must be > 0 and keep the sizes sane, got %s",
+                 text);
+    return -1;
+  }
+  return check_inside((long)((double)height * sf), (long)((double)width * sf), dy, dx, crop,
+                      out_len);
+}
+
+/* Check that the height x width window at (top, left) lies in the buffer `src` of rows of
+ * `stride` bytes; 0, or -1 with ValueError set. */
+static int check_window(const Py_buffer *src, Py_ssize_t stride, long top, long left, long height,
+                        long width) {
+  if (check_arg("top", top, 0) || check_arg("left", left, 0)) return -1;
+  /* written so as not to overflow: the last row's window ends inside the buffer */
+  if ((left + width) * 3 > stride || (left + width) * 3 > src->len ||
+      top + height - 1 > (src->len - (left + width) * 3) / stride) {
+    PyErr_Format(PyExc_ValueError,
+                 "window rows %ld..%ld, columns %ld..%ld is not inside the %zd bytes of pixels "
+                 "with rows of %zd bytes",
+                 top, top + height, left, left + width, src->len, stride);
+    return -1;
+  }
+  return 0;
+}
+
+/* resample_patch of the checked window at (top, left) of `src` into `out`, without the GIL;
+ * None, or NULL with MemoryError set. */
+static PyObject *resample_window(const Py_buffer *src, Py_ssize_t stride, long top, long left,
+                                 long height, long width, long out_h, long out_w, double scale_y,
+                                 double scale_x, long dy, long dx, long crop, int flip,
+                                 Py_buffer *out) {
+  const uint8_t *origin = (const uint8_t *)src->buf + top * stride + left * 3;
+  const uint8_t *end = (const uint8_t *)src->buf + src->len;
+  int status;
+  Py_BEGIN_ALLOW_THREADS
+  status = resample_patch(origin, stride, end, height, width, out_h, out_w, scale_y, scale_x, dy,
+                          dx, crop, flip, (uint8_t *)out->buf);
+  Py_END_ALLOW_THREADS
+  if (status != 0) return PyErr_NoMemory();
+  return Py_NewRef(Py_None);
 }
 
 PyDoc_STRVAR(resample_doc,
@@ -880,29 +923,45 @@ static PyObject *resample_py(PyObject *self, PyObject *args, PyObject *kwargs) {
                                    &top, &left, &height, &width, &sf, &dy, &dx, &crop, &flip, &out))
     return NULL;
   PyObject *result = NULL;
-  if (check_patch(height, width, sf, dy, dx, crop, out.len) || check_arg("top", top, 0) ||
-      check_arg("left", left, 0))
-    goto done;
-  /* written so as not to overflow: the last row's window ends inside the buffer */
-  if ((left + width) * 3 > stride || (left + width) * 3 > src.len ||
-      top + height - 1 > (src.len - (left + width) * 3) / stride) {
-    PyErr_Format(PyExc_ValueError,
-                 "window rows %ld..%ld, columns %ld..%ld is not inside the %zd bytes of pixels "
-                 "with rows of %zd bytes",
-                 top, top + height, left, left + width, src.len, stride);
-    goto done;
-  }
-  const uint8_t *origin = (const uint8_t *)src.buf + top * stride + left * 3;
-  int status;
-  Py_BEGIN_ALLOW_THREADS
-  status = resample_patch(origin, stride, (const uint8_t *)src.buf + src.len, height, width, sf, dy,
-                          dx, crop, flip, (uint8_t *)out.buf);
-  Py_END_ALLOW_THREADS
-  if (status != 0)
-    PyErr_NoMemory();
-  else
-    result = Py_NewRef(Py_None);
-done:
+  if (check_patch(height, width, sf, dy, dx, crop, out.len) == 0 &&
+      check_window(&src, stride, top, left, height, width) == 0)
+    result = resample_window(&src, stride, top, left, height, width, (long)((double)height * sf),
+                             (long)((double)width * sf), 1.0 / sf, 1.0 / sf, dy, dx, crop, flip,
+                             &out);
+  PyBuffer_Release(&src);
+  PyBuffer_Release(&out);
+  return result;
+}
+
+PyDoc_STRVAR(resize_doc,
+"resize(pixels, stride, top, left, height, width, out_height, out_width, dy, dx, crop, flip, out)\n"
+"\n"
+"resample(...) to a size instead of by a factor: the window resized to out_height x out_width as\n"
+"torch.nn.functional.interpolate(..., size=(out_height, out_width), mode='bilinear',\n"
+"antialias=True) does on uint8, bit for bit (its scale is then height / out_height), and the\n"
+"crop x crop patch at (dy, dx) of the result written into `out`: an evaluation view.\n"
+"Releases the GIL.");
+
+static PyObject *resize_py(PyObject *self, PyObject *args, PyObject *kwargs) {
+  static char *keywords[] = {"pixels", "stride", "top", "left", "height", "width", "out_height",
+                             "out_width", "dy", "dx", "crop", "flip", "out", NULL};
+  Py_buffer src, out;
+  Py_ssize_t stride;
+  long top, left, height, width, out_h, out_w, dy, dx, crop;
+  int flip;
+  (void)self;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*nlllllllllpw*:resize", keywords, &src, &stride,
+                                   &top, &left, &height, &width, &out_h, &out_w, &dy, &dx, &crop,
+                                   &flip, &out))
+    return NULL;
+  PyObject *result = NULL;
+  if (check_arg("height", height, 1) == 0 && check_arg("width", width, 1) == 0 &&
+      check_arg("out_height", out_h, 1) == 0 && check_arg("out_width", out_w, 1) == 0 &&
+      check_inside(out_h, out_w, dy, dx, crop, out.len) == 0 &&
+      check_window(&src, stride, top, left, height, width) == 0)
+    result = resample_window(&src, stride, top, left, height, width, out_h, out_w,
+                             (double)height / (double)out_h, (double)width / (double)out_w, dy, dx,
+                             crop, flip, &out);
   PyBuffer_Release(&src);
   PyBuffer_Release(&out);
   return result;
@@ -955,7 +1014,8 @@ static PyObject *decode_view(PyObject *self, PyObject *args, PyObject *kwargs) {
       const Py_ssize_t stride = (Py_ssize_t)job->out_width * 3;
       const uint8_t *origin = job->pixels + (left - (long)job->x_offset) * 3;
       status = resample_patch(origin, stride, job->pixels + job->capacity + RESAMPLE_PAD, height,
-                              width, sf, dy, dx, crop, flip, (uint8_t *)out.buf);
+                              width, (long)((double)height * sf), (long)((double)width * sf),
+                              1.0 / sf, 1.0 / sf, dy, dx, crop, flip, (uint8_t *)out.buf);
       if (status != 0) snprintf(job->problem, sizeof(job->problem), "out of memory");
     }
     Py_END_ALLOW_THREADS
@@ -1027,6 +1087,7 @@ static PyMethodDef methods[] = {
     {"read_header", read_header_py, METH_VARARGS, read_header_doc},
     {"resample", (PyCFunction)(void (*)(void))resample_py, METH_VARARGS | METH_KEYWORDS,
      resample_doc},
+    {"resize", (PyCFunction)(void (*)(void))resize_py, METH_VARARGS | METH_KEYWORDS, resize_doc},
     {"decode_view", (PyCFunction)(void (*)(void))decode_view, METH_VARARGS | METH_KEYWORDS,
      decode_view_doc},
     {"_set_simd", set_simd, METH_O,

@@ -27,10 +27,13 @@ after the region decode, so the window never reaches Python). It does the intege
 torch's antialiased bilinear uint8 kernel with the same weights, so its pixels are torch's bit
 for bit; without the extension torch does it (``TrainTransform._torch_view``).
 
+Evaluation views are resized by the same extension (``_jpegroi.resize``: to a size, as
+``F.interpolate(..., size=...)`` computes it), only their patches, bit for bit torch's.
+
 Arrays, not tensors: every view is a numpy uint8 array, and PyTorch is imported only where it
-computes (a resize without the extension, :func:`_square`'s evaluation resize) or is asked for
-(:func:`normalize_batch`), so that a loader actor, which builds its batches with the extension
-from pre-resized or full-size shards, starts without it (cluster/rank/loader.py).
+computes (a resize without the extension) or is asked for (:func:`normalize_batch`), so that a
+loader actor, which builds its batches with the extension, starts without it
+(cluster/rank/loader.py).
 """
 
 from __future__ import annotations
@@ -195,6 +198,20 @@ class _CropTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(resize={self.resize}, crop={self.crop})"
+
+    def _patch(self, image: np.ndarray, top: int, left: int) -> np.ndarray:
+        """The (3, crop, crop) patch at (top, left) of the image's ``resize`` square: resized
+        by ``data._jpegroi.resize``, torch's filter bit for bit and only the patch computed, or
+        by :func:`_square` when the extension is not built."""
+        if _jpegroi is not None and image.flags.c_contiguous and image.dtype == np.uint8:
+            height, width = image.shape[:2]
+            side = min(height, width)
+            out = np.empty((3, self.crop, self.crop), dtype=np.uint8)
+            _jpegroi.resize(image, image.strides[0], (height - side) // 2, (width - side) // 2, side, side,
+                            self.resize, self.resize, top, left, self.crop, False, out)
+            return out
+        square = _square(image, self.resize)  # (resize, resize, 3)
+        return _to_chw(square[top : top + self.crop, left : left + self.crop])
 
 
 class _Plan(typing.NamedTuple):
@@ -368,9 +385,8 @@ class EvalTransform(_CropTransform):
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (3, crop, crop) uint8 array."""
-        square = _square(image, self.resize)  # (resize, resize, 3)
         offset = (self.resize - self.crop) // 2
-        return _to_chw(square[offset : offset + self.crop, offset : offset + self.crop])
+        return self._patch(image, offset, offset)
 
 
 class TenViewTransform(_CropTransform):
@@ -380,12 +396,10 @@ class TenViewTransform(_CropTransform):
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (10, 3, crop, crop) uint8 array: TL, TR, BL, BR, centre, then flips."""
-        square = _square(image, self.resize)  # (resize, resize, 3)
         far, mid = self.resize - self.crop, (self.resize - self.crop) // 2
         corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
-        views = [square[top : top + self.crop, left : left + self.crop] for top, left in corners]
-        views += [view[:, ::-1] for view in views]
-        return np.stack([_to_chw(view) for view in views])
+        views = [self._patch(image, top, left) for top, left in corners]
+        return np.stack(views + [view[:, :, ::-1] for view in views])
 
 
 def view_transform(resize: int, crop: int, views: int) -> EvalTransform | TenViewTransform:

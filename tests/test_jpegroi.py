@@ -1,5 +1,6 @@
 """Tests of the region-of-interest JPEG decoder (data/_jpegroi.c) and of the training views
-built on it (TrainTransform.from_jpeg, ShardBatches(train=True)).
+built on it (TrainTransform.from_jpeg, ShardBatches(train=True)), and of its resize of the
+evaluation views (EvalTransform, TenViewTransform).
 
 The claim under test is exactness: a region decoded alone equals the same region of a full
 decode bit for bit, so the loader's training batches are the same with and without the
@@ -277,6 +278,46 @@ def test_resample_checks_its_arguments(change: dict, words: str) -> None:
         _jpegroi.resample(**{**args, **change})
     with pytest.raises(TypeError):  # out must be writable
         _jpegroi.resample(**{**args, "out": bytes(192)})
+
+
+@needs_roi
+@pytest.mark.parametrize("simd", [True, False])
+def test_resize_is_torchs_resize_to_a_size_bit_for_bit(simd: bool) -> None:
+    # The evaluation views' resize (_jpegroi.resize): a square to size x size, as
+    # F.interpolate(..., size=...) computes it (scale = in / out, which 1 / scale_factor is not
+    # always, to the last bit), down and up, on photos and ramps, at patches in every corner.
+    was = _jpegroi._set_simd(simd)
+    try:
+        rng = np.random.default_rng(2)
+        for n in range(60):
+            side, size = int(rng.integers(1, 520)), int(rng.integers(1, 300))
+            crop = int(rng.integers(1, size + 1))
+            image = _ramps(side, side + 7) if n % 2 else np.array(
+                Image.fromarray(_photo(n)).resize((side + 7, side), Image.BILINEAR))
+            pixels = torch.from_numpy(image[:, 3 : 3 + side]).permute(2, 0, 1)[None]  # the square
+            resized = pixels[0] if side == size else torch.nn.functional.interpolate(
+                pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+            for dy, dx in [(0, 0), (0, size - crop), (size - crop, 0), (size - crop, size - crop),
+                           ((size - crop) // 2, (size - crop) // 2)]:
+                out = np.empty((3, crop, crop), np.uint8)
+                _jpegroi.resize(image, image.strides[0], 0, 3, side, side, size, size, dy, dx, crop, False, out)
+                assert np.array_equal(out, resized[:, dy : dy + crop, dx : dx + crop].numpy()), (
+                    simd, side, size, crop, dy, dx)
+    finally:
+        _jpegroi._set_simd(was)
+
+
+def test_evaluation_views_are_the_same_without_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the centre view and the ten views, resized by the extension or by torch (_square)
+    shapes = [(375, 500), (500, 333), (256, 300), (200, 240), (64, 90)]
+    images = [np.array(Image.fromarray(_photo(n)).resize((w, h), Image.BILINEAR)) for n, (h, w) in enumerate(shapes)]
+    made = [[transforms.view_transform(resize, crop, views)(image) for image in images]
+            for resize, crop, views in [(256, 224, 1), (256, 224, 10), (72, 64, 1), (72, 64, 10)]]
+    monkeypatch.setattr(transforms, "_jpegroi", None)
+    again = [[transforms.view_transform(resize, crop, views)(image) for image in images]
+             for resize, crop, views in [(256, 224, 1), (256, 224, 10), (72, 64, 1), (72, 64, 10)]]
+    for ours, theirs in zip(made, again):
+        assert all(a.flags.c_contiguous and np.array_equal(a, b) for a, b in zip(ours, theirs))
 
 
 # ---------------------------------------------------------------- training views

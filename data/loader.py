@@ -162,6 +162,7 @@ class Batch:
 
     @classmethod
     def of(cls, arrays: BatchArrays) -> "Batch":
+        """The batch of ``arrays`` as tensors sharing their memory."""
         import torch
 
         def tensor(array):

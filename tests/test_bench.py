@@ -97,3 +97,4 @@ def test_actor_start(tmp_path):
     out, result = run_bench("actor_start", tmp_path)
     assert "ratio ours / baseline" in out and result["ratio"] > 0
     assert result["imports_dynamo"] == {"baseline": True, "ours": False}
+    assert result["loader"]["imports_torch"] == {"baseline": True, "ours": False}  # a loader actor: no PyTorch

@@ -1,7 +1,8 @@
 """Loader actors (cluster/launch/loaders.py, cluster/rank/loader.py): the driver decodes nothing;
 the weights are bitwise the same whatever the loader count, and a checkpoint goes on with another;
 what a loader actor makes is what the replica's reader makes, without PyTorch in its process;
-prefetch stays bounded; bad samples of every loader of every replica are merged. Dead and hung loaders: tests/test_faults.py."""
+prefetch stays bounded; bad samples of every loader of every replica are merged. Dead and hung
+loaders: tests/test_faults.py."""
 
 import json
 import re

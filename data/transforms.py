@@ -199,19 +199,19 @@ class _CropTransform:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(resize={self.resize}, crop={self.crop})"
 
-    def _patch(self, image: np.ndarray, top: int, left: int) -> np.ndarray:
-        """The (3, crop, crop) patch at (top, left) of the image's ``resize`` square: resized
+    def _patch(self, image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+        """The (3, size, size) patch at (top, left) of the image's ``resize`` square: resized
         by ``data._jpegroi.resize``, torch's filter bit for bit and only the patch computed, or
-        by :func:`_square` when the extension is not built."""
-        if _jpegroi is not None and image.flags.c_contiguous and image.dtype == np.uint8:
+        by :func:`_square` when the extension cannot take the image."""
+        if _in_c(image):
             height, width = image.shape[:2]
             side = min(height, width)
-            out = np.empty((3, self.crop, self.crop), dtype=np.uint8)
+            out = np.empty((3, size, size), dtype=np.uint8)
             _jpegroi.resize(image, image.strides[0], (height - side) // 2, (width - side) // 2, side, side,
-                            self.resize, self.resize, top, left, self.crop, False, out)
+                            self.resize, self.resize, top, left, size, False, out)
             return out
         square = _square(image, self.resize)  # (resize, resize, 3)
-        return _to_chw(square[top : top + self.crop, left : left + self.crop])
+        return _to_chw(square[top : top + size, left : left + size])
 
 
 class _Plan(typing.NamedTuple):
@@ -311,7 +311,7 @@ class TrainTransform(_CropTransform):
         """The view of a decoded (H, W, 3) image, written into ``out`` when given."""
         plan = self._plan(image.shape[0], image.shape[1], top, left)
         (r0, r1), (c0, c1) = plan.rows, plan.cols
-        if _jpegroi is not None and image.flags.c_contiguous and image.dtype == np.uint8:
+        if _in_c(image):
             view = self._target(out)
             _jpegroi.resample(image, image.strides[0], r0, c0, r1 - r0, c1 - c0,
                               plan.scale_factor, plan.dy, plan.dx, self.crop, flip, view)
@@ -346,6 +346,11 @@ class TrainTransform(_CropTransform):
     def _offset(self, start: int, first: int, scale: float, size: int) -> int:
         """Where output pixel ``start`` of the full grid falls in the window's resize."""
         return max(0, min(round(start - first / scale), size - self.crop))
+
+
+def _in_c(image: np.ndarray) -> bool:
+    """Whether data._jpegroi can resize ``image``: built, and a C-contiguous uint8 array."""
+    return _jpegroi is not None and image.flags.c_contiguous and image.dtype == np.uint8
 
 
 def _into(out: np.ndarray | None, view: np.ndarray) -> np.ndarray:
@@ -386,7 +391,7 @@ class EvalTransform(_CropTransform):
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (3, crop, crop) uint8 array."""
         offset = (self.resize - self.crop) // 2
-        return self._patch(image, offset, offset)
+        return self._patch(image, offset, offset, self.crop)
 
 
 class TenViewTransform(_CropTransform):
@@ -396,9 +401,10 @@ class TenViewTransform(_CropTransform):
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 → (10, 3, crop, crop) uint8 array: TL, TR, BL, BR, centre, then flips."""
+        square = self._patch(image, 0, 0, self.resize)  # (3, resize, resize), resized once
         far, mid = self.resize - self.crop, (self.resize - self.crop) // 2
         corners = [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
-        views = [self._patch(image, top, left) for top, left in corners]
+        views = [square[:, top : top + self.crop, left : left + self.crop] for top, left in corners]
         return np.stack(views + [view[:, :, ::-1] for view in views])
 
 

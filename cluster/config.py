@@ -42,6 +42,7 @@ FLOAT_RANGES = {
     "weight_decay": (0.0, math.inf, True, False),
     "collective_timeout_s": (0.0, math.inf, False, False),
     "placement_timeout_s": (0.0, math.inf, False, False),
+    "restart_wait_s": (0.0, math.inf, False, False),
     "loader_timeout_s": (0.0, math.inf, False, False),
     "loss_scale": (0.0, math.inf, False, False),
 }
@@ -171,6 +172,8 @@ class TrainConfig:
     address: str = _opt("", "Ray cluster address; empty: the cluster this job runs in, else a new local one")
     collective_timeout_s: float = _opt(300.0, "seconds a collective may wait before the run fails")
     placement_timeout_s: float = _opt(120.0, "seconds every actor has to start before the run fails")
+    restart_wait_s: float = _opt(120.0, "seconds a restart waits for the cluster to have room for the mesh again "
+                                        "(a lost node coming back, or an autoscaler adding one) before the run fails")
     max_restarts: int = _opt(3, "times the mesh is rebuilt from the last checkpoint after an actor dies or a "
                                 "collective fails or times out, before the run fails")
     trace: str = _opt("", "write a Chrome-trace/Perfetto JSON of step --trace-step across all actors to this file")

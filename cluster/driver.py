@@ -26,8 +26,8 @@ from cluster.ckpt.consolidate import consolidate_with_momentum  # noqa: E402
 from cluster.config import DEMO_DATA, ConfigError, TrainConfig, add_arguments, overrides  # noqa: E402
 from cluster.launch.actor_mesh import ActorMesh, PlacementError  # noqa: E402
 from cluster.launch.loaders import LoaderTimeout  # noqa: E402
-from cluster.launch.session import (RUNS_ENV, durable_root, failure_cause, job_working_copy,  # noqa: E402
-                                    ray_session, restart_cause, restartable)
+from cluster.launch.failures import failure_cause, restart_cause, restartable  # noqa: E402
+from cluster.launch.session import RUNS_ENV, durable_root, job_working_copy, ray_session  # noqa: E402
 from cluster.recipes import RECIPES, build_config  # noqa: E402
 from cluster.inputs import InputPlan, open_reader  # noqa: E402
 from cluster.telemetry.metrics import Metrics, RunMetrics  # noqa: E402
@@ -166,13 +166,15 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: InputPlan, v
                         start: Start, metrics: Metrics = Metrics()) -> TrainResult:
     """Train; when an actor dies or a collective fails, tear the mesh down, start a new one, load
     the newest checkpoint and go on, up to --max-restarts times. A NaN or infinite loss (the
-    weights are then spoilt) goes back to the newest checkpoint once; a second one stops the run.
-    `metrics` hears of every attempt's start and every restart's cause."""
+    weights are then spoilt) goes back to the newest checkpoint once, on the same actors; a second
+    one stops the run. A mesh that ended well is kept for the next run of this process
+    (`ActorMesh.take`); one that failed is killed at once, but for its tower actors when only a
+    loader failed (they wait for its batch, well). `metrics` hears of every attempt's start and every restart's cause."""
     restarts, nan_restored = 0, False
     env = {**env, **faults.forwarded()}  # tests' fault injection reaches the actors
     while True:
         readers = {"train": train_data.reader, "val": val_data.reader}
-        workers = ActorMesh(config, env, wait_for_nodes=restarts > 0, readers=readers)  # a lost node may come back
+        workers = ActorMesh.take(config, env, wait_for_nodes=restarts > 0, readers=readers)  # a lost node may come back
         print(f"placement:\n{workers.placement_table()}", flush=True)
         print(f"precision: {workers.precision}" + (" (--precision auto: bf16 on GPU actors, fp32 on CPUs)"
                                                    if config.precision == "auto" else "")
@@ -181,15 +183,19 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: InputPlan, v
         print(f"loaders: {workers.placement.loaders} per replica × {config.loader_threads} thread(s)"
               + ("" if config.loaders_per_replica else " (--loaders-per-replica 0: as many as the stage-0 node's spare "
                                                        "CPUs feed; 1 when the actors train on CPUs)"), flush=True)
+        failed = True  # until training returns or its loss is not finite
         try:
             token = reach.leave_token(config.run_dir)
             reach.check_answers(config.run_dir, token, workers.check_storage(config.run_dir, token))
             if start.directory:
                 load_checkpoint(workers, start)
             metrics.begin(start.step, start.epoch, start.directory)
-            return train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
-                         start=start, metrics=metrics)
+            result = train(config, workers, train_data, val_data, print_fn=lambda line: print(line, flush=True),
+                           start=start, metrics=metrics)
+            failed = False
+            return result
         except NonFiniteLoss as err:  # once: a transient fault goes away, a real divergence comes back
+            failed = False  # the actors are well (only the weights are spoilt): the next attempt reuses them
             if nan_restored:
                 raise NonFiniteLoss(err.step, err.loss, f"again, after going on once from {start.directory or 'step 0'}: "
                                                         "the run diverges; lower --lr or check the data") from None
@@ -204,12 +210,13 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: InputPlan, v
                           file=sys.stderr, flush=True)
                 raise
             restarts += 1
+            failed = not workers.loaders_alone_failed(err)  # else the tower actors go on with new loaders
             metrics.restart(restart_cause(err), failure_cause(err))
             start = find_start(config.replace(resume="auto"), train_data)
             print(f"restart {restarts}/{config.max_restarts}: {failure_cause(err)}; going on from "
                   f"{start.directory or 'step 0 (no checkpoint yet)'}", flush=True)
         finally:
-            workers.shutdown()
+            workers.shutdown(failed=True) if failed else workers.keep()
 
 
 def network_line(config: TrainConfig) -> str:

@@ -4,7 +4,8 @@ paper's experiments as runs (cluster/telemetry/experiments.py says which, and wh
 NAME is `activation`, `towers`, `lrn`, `pooling`, `all` (those four) or `dropout` (the paper's
 dropout against torch's inverted form). The command trains the baseline and each
 variant with the driver (`cluster.driver.main`: the same recipe, seed, data and every other flag
-given here), one after the other, each in its own run dir RUN_DIR/<variant>; then it writes
+given here), one after the other in one Ray session, each in its own run dir RUN_DIR/<variant>
+(runs whose mesh has the same shape share its actors: cluster/launch/actor_mesh.py); then it writes
 RUN_DIR/experiments/NAME.md and NAME.png (for `all`, also each experiment's) and prints a summary.
 A run dir that has a checkpoint is resumed, and a finished one is not trained again: run the same
 command again after a stop. Every run's configuration is checked before the first one starts.

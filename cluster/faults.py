@@ -7,7 +7,7 @@ would do. None is set in a normal run.
 
     ALEXNET_INJECT_FAILURE="RANK:STEP"
         Tower actor RANK raises a RuntimeError at the start of its STEP-th train_step (0-based,
-        counted by that actor since it started). Not a machinery failure: the run stops.
+        counted by that actor since it started or was configured for a run). Not a machinery failure: the run stops.
     ALEXNET_INJECT_NAN="STEP" or "STEP:MARKER"
         The loss the run's step STEP (1-based) reports is NaN. With MARKER (a file path) only
         while that file does not exist, and the first time creates it: a fault that does not

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"predicting {len(todo)} shard(s) with {model.describe()} into {args.out}"
           + (f" ({len(done)} already complete, skipped)" if done else ""), flush=True)
-    from cluster.launch.session import failure_cause, ray_session  # Ray: not for bad input
+    from cluster.launch.failures import failure_cause  # Ray: not for bad input
+    from cluster.launch.session import ray_session
 
     import ray
 

@@ -93,7 +93,7 @@ def driver_never_starts_ray(monkeypatch):
         raise AssertionError("the driver started Ray (bad input must stop before any actor)")
 
     monkeypatch.setattr(cluster.driver, "ray_session", refuse)
-    monkeypatch.setattr(cluster.driver, "ActorMesh", refuse)
+    monkeypatch.setattr(cluster.driver.ActorMesh, "take", refuse)
 
 
 @pytest.fixture(autouse=True)

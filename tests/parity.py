@@ -176,8 +176,9 @@ def assert_evaluation_like(result, expected: dict, images: int, what: str) -> No
 @contextlib.contextmanager
 def one_mesh_at_a_time(make_config):
     """The session's local Ray (tests/conftest.py) and `get(*args, **kwargs)`: the actor mesh of
-    `make_config(*args, **kwargs)`, reused while the arguments are the same (`reset` gives fresh
-    weights); other arguments shut the current mesh down first (the CPUs hold one)."""
+    `make_config(*args, **kwargs)`, the same while the arguments are (`reset` gives fresh weights);
+    for others, the actors of the one before configured afresh where the mesh's processes are the
+    same (`ActorMesh.take`), else new ones. The last is kept for the next module's."""
     ensure_shared_ray()
     current: dict = {}
 
@@ -185,13 +186,13 @@ def one_mesh_at_a_time(make_config):
         key = (args, tuple(sorted(kwargs.items())))
         if key not in current:
             for workers in current.values():
-                workers.shutdown()
+                workers.keep()
             current.clear()
-            current[key] = ActorMesh(make_config(*args, **kwargs))
+            current[key] = ActorMesh.take(make_config(*args, **kwargs))
         return current[key]
 
     try:
         yield get
     finally:
         for workers in current.values():
-            workers.shutdown()
+            workers.keep()

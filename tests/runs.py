@@ -45,6 +45,12 @@ def shard_tensors(directory) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def placement_pids(out: str) -> list[list[str]]:
+    """The tower actors' pids of each placement table the driver printed in `out` (one a mesh)."""
+    return [re.findall(r"^\d+ .* (\d+)$", table.split("\nprecision:")[0], re.MULTILINE)
+            for table in out.split("placement:\n")[1:]]
+
+
 def assert_nothing_left(pgid: int, grace_s: float = 15.0) -> None:
     """Every process of the driver's session has exited (Ray's own take a moment after the driver)."""
     deadline = time.monotonic() + grace_s

@@ -15,12 +15,10 @@ import torch
 from cluster.ckpt import checkpoint
 import nettools
 from cluster.driver import main
+from cluster.launch.actor_mesh import ActorMesh
 from cluster import faults
 from raytools import short_tmpdir
-from runs import DRIVER, assert_nothing_left, shard_tensors, tiny_run_args
-
-
-
+from runs import DRIVER, assert_nothing_left, placement_pids, shard_tensors, tiny_run_args
 
 
 @pytest.mark.parametrize("args, message", [
@@ -168,6 +166,27 @@ def test_actor_exception_surfaces_with_traceback_and_nonzero_exit(tiny_demo, tmp
     assert re.search(r"File \".*cluster/rank/worker.py\", line \d+, in train_step", err), err[-3000:]
     assert "failure injected by ALEXNET_INJECT_FAILURE at rank 1, step 2" in err
     assert "step 2/7" in out and "step 4/7" not in out
+    # nor wait for rank 0, blocked in the collective, to tear its process group down: killed at once
+    assert "process-group teardown failed" not in err
+
+
+def test_a_second_run_reuses_the_actors_and_trains_as_on_new_ones(tiny_demo, tmp_path, capsys, shared_ray):
+    """A run that ended cleanly keeps its mesh; the next run of the process with the same processes
+    (shape, placement, environment) configures those actors afresh instead of starting new ones,
+    and its weights, momentum and RNG are bitwise those of the same run on new actors."""
+    def run(name, *extra):
+        assert main(tiny_run_args(tiny_demo, tmp_path / name, "--max-steps", "3", "--dropout", "0.5", *extra)) == 0
+        return capsys.readouterr().out
+
+    ActorMesh.shutdown_idle()  # new actors for the first run
+    first = run("first", "--lr", "0.02", "--seed", "7", "--variant", "cuda-convnet-2012", "--eval-views", "10")
+    reused = run("reused")
+    ActorMesh.shutdown_idle()
+    new = run("new")
+    (first_pids,), (reused_pids,), (new_pids,) = map(placement_pids, (first, reused, new))
+    assert len(first_pids) == 2 and reused_pids == first_pids and not set(new_pids) & set(first_pids)
+    a, b = shard_tensors(tmp_path / "reused" / "checkpoint-00000003"), shard_tensors(tmp_path / "new" / "checkpoint-00000003")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_pipeline_run_prints_its_split_and_bubble_and_writes_a_trace(tiny_demo, tmp_path, capsys, shared_ray):

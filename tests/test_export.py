@@ -257,8 +257,7 @@ def trained_run(request, local_ray, tmp_path_factory) -> TrainedRun:
     mesh's logits of a third batch."""
     config = small_config(**LAYOUTS[request.param]).resolved_split()
     run_dir = str(tmp_path_factory.mktemp(request.param))
-    workers = ActorMesh(config)
-    try:
+    with ActorMesh.take(config) as workers:
         *steps, (images, labels, lighting) = batches(config, 3)
         for step_images, step_labels, step_lighting in steps:
             workers.train_step(step_images, step_labels, 0.01, step_lighting)
@@ -268,8 +267,6 @@ def trained_run(request, local_ray, tmp_path_factory) -> TrainedRun:
         checkpoint.write_manifest(directory, step=len(steps), epoch=0, config=config.to_dict(),
                                   mesh=dataclasses.asdict(config.mesh), shard_paths=shards, loader={})
         probes = workers.probe(images, labels, lighting)
-    finally:
-        workers.shutdown()
     last = [p for p in probes if p.stage == config.stages - 1]  # rank order: tower 0, then tower 1
     logits = torch.cat([p.logits for p in last], dim=1)
     return TrainedRun(config, run_dir, directory, normalize_batch(images, lighting=lighting), logits)

@@ -17,7 +17,7 @@ import nettools
 from cluster.driver import main
 from cluster import faults
 from cluster.ckpt.storage import TMP_SUFFIX
-from runs import DRIVER, assert_nothing_left, shard_tensors, tiny_run_args
+from runs import DRIVER, assert_nothing_left, placement_pids, shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
@@ -81,6 +81,8 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_as_if_nothing_happened(tiny
     # checkpoints come every 2 steps: the kill lands in step 6 or 7, the run goes on from step 4 or 6
     assert "restart 1/3: " in out and "going on from " + str(tmp_path / "killed" / "checkpoint-0000000") in out
     assert "done: 10 steps" in out
+    before, after = placement_pids(out)
+    assert not set(after) & set(before)  # a new mesh: the killed actor's partner too, at once
     assert_same_tensors(uninterrupted, shard_tensors(tmp_path / "killed" / "checkpoint-00000010"))
 
 
@@ -91,6 +93,8 @@ def test_a_killed_loader_is_replaced_and_the_run_ends_as_if_nothing_happened(tin
     assert status == 0, out[-3000:]
     assert "restart 1/3: ActorDiedError" in out, out[-3000:]
     assert "done: 10 steps" in out
+    before, after = placement_pids(out)
+    assert after == before and len(before) == 2  # only the loaders are new: the tower actors went on
     assert_same_tensors(uninterrupted, shard_tensors(tmp_path / "killed" / "checkpoint-00000010"))
 
 
@@ -107,6 +111,8 @@ def test_a_hung_loader_is_named_and_replaced(tiny_demo, tmp_path, monkeypatch, c
     assert re.search(r"restart 1/3: LoaderTimeout: loader 1 of replica 0 \(pid \d+ on 127\.0\.0\.1\) did not "
                      r"deliver batch 5 of epoch 1 \(train\) within 3 s", out), out[-3000:]
     assert "done: 10 steps" in out
+    before, after = placement_pids(out)
+    assert after == before and len(before) == 2  # the same tower actors, new loaders
     assert_same_tensors(uninterrupted, shard_tensors(tmp_path / "run" / "checkpoint-00000010"))
 
 
@@ -147,7 +153,7 @@ def test_only_failures_of_the_machinery_are_restarted():
     import ray
     import torch.distributed as dist
 
-    from cluster.launch.session import restartable
+    from cluster.launch.failures import restartable
 
     def task_error(cause: Exception):
         return ray.exceptions.RayTaskError("train_step", "Traceback ...", cause)
@@ -172,6 +178,8 @@ def test_a_nan_loss_goes_back_to_the_checkpoint_once(tiny_demo, tmp_path, transi
     captured = capsys.readouterr()
     out = captured.out + captured.err
     assert f"loss is nan at step 5: lower --lr or check the data; going on once from {tmp_path / 'run'}" in out
+    before, after = placement_pids(out)
+    assert after == before  # back to the checkpoint on the same, well actors
     if transient:
         assert status == 0 and "done: 10 steps" in out, out[-3000:]
     else:

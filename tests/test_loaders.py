@@ -76,8 +76,7 @@ def test_the_loaders_make_the_replicas_batches_and_keep_prefetch_bounded(tiny_de
     plan = InputPlan(reader)
     val = ShardBatches(tiny_demo.val_pattern, 4, train=False, seed=config.seed, resize=72, crop=64, num_classes=10,
                        replicas=2)
-    workers = ActorMesh(config, readers={"train": reader, "val": val})
-    try:
+    with ActorMesh.take(config, readers={"train": reader, "val": val}) as workers:
         loaders = workers.loaders
         fed = list(workers.batches("train", 1, 2, plan.batches_per_epoch))
         assert [f.index for f in fed] == list(range(2, plan.batches_per_epoch))
@@ -97,8 +96,6 @@ def test_the_loaders_make_the_replicas_batches_and_keep_prefetch_bounded(tiny_de
         # the loaders made all that without PyTorch in their processes; the tower actors have it
         assert not any(_maps_torch(where["pid"]) for replica in loaders.where for where in replica)
         assert all(_maps_torch(where["pid"]) for where in workers.where)
-    finally:
-        workers.shutdown()
 
 
 def _maps_torch(pid: int) -> bool:

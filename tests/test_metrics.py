@@ -12,7 +12,7 @@ import ray
 
 from cluster.launch import localnet
 from cluster.driver import main
-from cluster.launch.session import restart_cause
+from cluster.launch.failures import restart_cause
 from cluster.telemetry.history import HistoryWriter, read_history
 from cluster.telemetry.metrics import RESTART_CAUSES, SNAPSHOT_FILE, Exporter
 from cluster.telemetry.progress import Progress

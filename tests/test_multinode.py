@@ -154,7 +154,7 @@ def test_a_job_spanning_two_worker_nodes_equals_the_single_node_run(tiny_demo, s
 def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_node_weights, cluster, tmp_path):
     _, node_b = cluster.two_live_nodes()
     head = cluster.head
-    proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--placement-timeout-s", "120"), tmp_path / "driver.log")
+    proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--restart-wait-s", "120"), tmp_path / "driver.log")
     wait_for(tmp_path / "run" / "checkpoint-00000004" / checkpoint.MANIFEST, proc, tmp_path / "driver.log")
     node_b.kill_raylet()
     time.sleep(5)  # the mesh is down and waiting for a node
@@ -172,13 +172,13 @@ def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_
 def test_a_lost_worker_node_that_does_not_come_back_stops_the_run_clearly(tiny_demo, cluster, tmp_path):
     _, node_b = cluster.two_live_nodes()
     head = cluster.head
-    # 60 s, not 30: the same timeout bounds the placement and the first start of the six actors on
-    # freshly joined nodes, and with 30 s a CI run on 2 loaded cores stopped before its first checkpoint
-    proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--placement-timeout-s", "60"), tmp_path / "driver.log")
+    # the first start of the six actors on freshly joined nodes has 60 s (with 30 s a CI run on 2
+    # loaded cores stopped before its first checkpoint); the restart waits 10 s for the lost node
+    proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--restart-wait-s", "10"), tmp_path / "driver.log")
     wait_for(tmp_path / "run" / "checkpoint-00000002" / checkpoint.MANIFEST, proc, tmp_path / "driver.log")
     node_b.kill_raylet()
     proc.wait(timeout=300)
     out = (tmp_path / "driver.log").read_text()
     assert proc.returncode == 1, out[-4000:]
-    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 3\} on one node .* \(waited 60 s\)",
+    assert re.search(r"error: training failed: replica 1 stage 0 needs \{CPU: 3\} on one node .* \(waited 10 s\)",
                      out), out[-4000:]

@@ -84,8 +84,7 @@ def runs(local_ray):
     for key, (precision, batch) in RUNS.items():
         # fp16: the initial loss scale 2^10 (2^16 overflows these random batches' first gradients)
         config = small_config(towers=2, microbatches=2, batch_size=batch, precision=precision, loss_scale=1024.0)
-        workers = ActorMesh(config)
-        try:
+        with ActorMesh.take(config) as workers:
             images, labels, lighting = next(batches(config, 1))
             grads = {n: g for probe in workers.probe(images, labels, lighting) for n, g in probe.grads.items()}
             workers.reset(config.seed)
@@ -97,8 +96,6 @@ def runs(local_ray):
                 lambda w: sorted({str(t.dtype) for t in [*w.model.parameters(),
                                                          *(s["velocity"] for s in w.optimizer.state.values())]}))
                 for actor in workers.actors])
-        finally:
-            workers.shutdown()
         found[key] = (grads, {n: after[n] - start[n] for n in after}, reports, dtypes, config)
     return found
 
@@ -180,12 +177,9 @@ def test_checkpoints_cross_precisions(tiny_demo, tmp_path, capsys, shared_ray, f
 
 def test_pipeline_stages_send_in_the_compute_dtype(local_ray):
     config = small_config(stages=2, stage_split="conv1-conv2 | conv3-fc8", microbatches=2, precision="bf16")
-    workers = ActorMesh(config)
-    try:
+    with ActorMesh.take(config) as workers:
         images, labels, lighting = next(batches(config, 1))
         reports = workers.train_step(images, labels, 0.01, lighting)
-    finally:
-        workers.shutdown()
     # stage 0 sends conv2's maps forward, stage 1 their gradients back: bf16 both ways
     assert [r.sent_dtypes for r in reports] == [["bfloat16"]] * 4
     assert [r.exchange_dtypes for r in reports] == [[], [], ["bfloat16"], ["bfloat16"]]  # conv3 on: stage 1
@@ -198,15 +192,12 @@ def test_a_bf16_gradient_all_reduce_halves_its_bytes(local_ray):
     updates, sent = {}, {}
     for dtype in ("fp32", "bf16"):
         config = small_config(replicas=2, batch_size=4, grad_reduce_dtype=dtype)
-        workers = ActorMesh(config)
-        try:
+        with ActorMesh.take(config) as workers:
             start = {n: w for params in workers.named_parameters() for n, w in params.items()}
             for (images, labels, lighting), lr in zip(batches(small_config(batch_size=8), len(LRS)), LRS):
                 reports = workers.train_step(list(images.split(4)), list(labels.split(4)), lr,
                                              list(lighting.split(4)))
             after = {n: w for params in workers.named_parameters() for n, w in params.items()}
-        finally:
-            workers.shutdown()
         updates[dtype] = {n: after[n] - start[n] for n in after}
         sent[dtype] = sum(r.allreduce_bytes for r in reports)
     assert sent["bf16"] * 2 == sent["fp32"] > 0

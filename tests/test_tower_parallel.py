@@ -22,8 +22,7 @@ pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leave
 def test_matches_reference(local_ray, towers, microbatches, variant):
     config = small_config(towers=towers, microbatches=microbatches, variant=variant)
     ref = reference_run(config)
-    workers = ActorMesh(config)
-    try:
+    with ActorMesh.take(config) as workers:
         probes = workers.probe(*next(batches(config, 1)))
         for probe in probes:  # every tower reports the full loss
             assert_loss_close(probe.loss, ref.loss, f"rank {probe.rank}")
@@ -32,20 +31,15 @@ def test_matches_reference(local_ray, towers, microbatches, variant):
         assert_gradients_like({name: g for probe in probes for name, g in probe.grads.items()}, ref, "probe")
         per_rank, losses, _ = train_mesh(workers)
         assert_trained_like(replica_weights(per_rank, workers), losses, ref, f"towers={towers} M={microbatches}")
-    finally:
-        workers.shutdown()
 
 
 def test_microbatch_count_does_not_change_the_result(local_ray):
     weights = {}
     for m in (1, 4):
         config = small_config(towers=2, microbatches=m)
-        workers = ActorMesh(config)
-        try:
+        with ActorMesh.take(config) as workers:
             per_rank, _, _ = train_mesh(workers)
             weights[m] = replica_weights(per_rank, workers)
-        finally:
-            workers.shutdown()
     for name in weights[1]:
         assert_rel_close(weights[4][name], weights[1][name], f"{name}: M=4 vs M=1")
 
@@ -61,11 +55,8 @@ def test_evaluation_matches_reference(local_ray, views, variant):
     weights = torch.ones(config.batch_size)
     weights[-1] = 0.0
     expected = reference_evaluation(config, images, labels, weights)
-    workers = ActorMesh(config)
-    try:
+    with ActorMesh.take(config) as workers:
         results = [workers.evaluate(images, labels, weights)]  # the driver's path
         results += workers.evaluate_each(images, labels, weights)  # both towers
-    finally:
-        workers.shutdown()
     for result in results:  # every tower computes the same totals
         assert_evaluation_like(result, expected, config.batch_size - 1, f"{variant}, {views} view(s)")

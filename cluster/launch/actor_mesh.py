@@ -16,8 +16,9 @@ from torch import Tensor
 from cluster.ckpt.reach import Answer
 from cluster.config import ConfigError, TrainConfig
 from cluster.rank.pipeline import StepPlan
-from cluster.launch.loaders import FedBatch, LoaderPool
+from cluster.launch.loaders import FedBatch, LoaderPool, LoaderTimeout
 from cluster.launch.placement_groups import place, release
+from cluster.launch.failures import restartable
 from cluster.plan.placement import PlacementError, format_placement
 from cluster.rank.precision import resolve
 from cluster.rank.report import EvalScores, ProbeReport, StepReport
@@ -29,6 +30,8 @@ __all__ = ["ActorMesh", "PlacementError"]
 
 log = logging.getLogger(__name__)
 
+_idle: "ActorMesh | None" = None  # the live mesh a finished run left for the next (`keep`, `take`)
+
 
 class ActorMesh:
     """The tower actors of `config.mesh` and, given `readers` (replica 0's train and val readers,
@@ -36,27 +39,102 @@ class ActorMesh:
     which then feed `batches`. Without readers, the caller hands every step its tensors (tests).
 
     `wait_for_nodes`: a cluster too small for the mesh is waited for (a restart: a lost node's
-    capacity may come back) for up to --placement-timeout-s, instead of reported at once."""
+    capacity may come back) for up to --placement-timeout-s, instead of reported at once.
+
+    Reuse: a run that ended cleanly `keep`s its mesh; the next run of this process `take`s it,
+    configured afresh (weights, optimizer, precision and loaders as a new mesh's) if it wants
+    the same processes, or shuts it down and starts its own. Runs one after another in one
+    process (cluster/experiments.py, a sweep, the tests) start their actors once per shape."""
 
     def __init__(self, config: TrainConfig, env_vars: dict[str, str] | None = None, wait_for_nodes: bool = False,
                  readers: dict[str, ShardBatches] | None = None):
+        ActorMesh.shutdown_idle()  # its resources may be the ones this mesh needs
         self.config, self.mesh = config, config.mesh
+        self.env_vars, self.processes = dict(env_vars or {}), self._processes(config, env_vars, readers)
         self.placement = place(config, readers is not None, wait_for_nodes)
         self.groups = self.placement.groups
         self.uses_gpu = "GPU" in self.placement.per_actor
         self.precision = resolve(config.precision, "cuda" if self.uses_gpu else "cpu")  # what the actors compute in
         self.actors, self.loaders = [], None
         try:
-            self._start(self.placement.per_actor, dict(env_vars or {}), readers)
+            self._start(self.placement.per_actor, self.env_vars, readers)
         except BaseException:
-            self.shutdown(timeout=0)
+            self.shutdown(failed=True)
             raise
         log.info("mesh up: %s, backend %s, rendezvous %s:%d", config.mesh.describe(), self.backend, *self.rendezvous)
 
+    @staticmethod
+    def _processes(config: TrainConfig, env_vars: dict[str, str] | None, readers) -> tuple:
+        """What fixes a mesh's processes: their number, placement, environment and process groups.
+        The rest of a configuration, live actors take (`TowerWorker.configure`)."""
+        return (config.mesh, config.collective_timeout_s, config.threads_per_worker, config.pinned_stages,
+                config.loaders_per_replica, config.loader_threads, config.cpu_isa, readers is not None,
+                tuple(sorted((env_vars or {}).items())))
+
+    @classmethod
+    def take(cls, config: TrainConfig, env_vars: dict[str, str] | None = None, wait_for_nodes: bool = False,
+             readers: dict[str, ShardBatches] | None = None) -> "ActorMesh":
+        """The mesh a finished run kept (`keep`), configured for `config` with fresh weights and new
+        loaders, if its processes are the ones `config` wants; else a new mesh."""
+        global _idle
+        idle, _idle = _idle, None
+        if idle is not None and idle.processes == cls._processes(config, env_vars, readers) \
+                and idle.cluster == ray.get_runtime_context().get_node_id():
+            try:
+                idle._configure(config, readers)
+                return idle
+            except ray.exceptions.RayError as err:  # an actor died while idle: start afresh
+                log.warning("the kept mesh could not be reused: %s", err)
+                idle.shutdown(failed=True)
+        _idle = idle  # the constructor shuts it down
+        return cls(config, env_vars, wait_for_nodes, readers)
+
+    def keep(self) -> None:
+        """Leave the tower actors running for the next `take` of this process (the loaders, which
+        hold a run's data, stop)."""
+        global _idle
+        if self.loaders is not None:
+            self.loaders.shutdown()
+            self.loaders = None
+        if _idle is not self:
+            ActorMesh.shutdown_idle()
+        self.cluster = ray.get_runtime_context().get_node_id()  # a Ray started again has new nodes
+        _idle = self
+
+    @staticmethod
+    def shutdown_idle() -> None:
+        """Shut the kept mesh down, if any (before its Ray is, or when its resources are wanted)."""
+        global _idle
+        idle, _idle = _idle, None
+        if idle is not None and ray.is_initialized() and idle.cluster == ray.get_runtime_context().get_node_id():
+            idle.shutdown()
+
+    def loaders_alone_failed(self, err: Exception) -> bool:
+        """Whether `err` is only a loader's failure (it hung, or its process died): the tower
+        actors, which were waiting for its batch, are well and can be kept."""
+        if isinstance(err, LoaderTimeout):
+            return True
+        loaders = self.loaders.all_actors if self.loaders is not None else []
+        return isinstance(err, ray.exceptions.RayActorError) and err.actor_id in {
+            actor._actor_id.hex() for actor in loaders}
+
+    def _configure(self, config: TrainConfig, readers: dict[str, ShardBatches] | None) -> None:
+        self._gather([actor.configure.remote(config) for actor in self.actors])
+        self.config = config
+        self.precision = resolve(config.precision, "cuda" if self.uses_gpu else "cpu")
+        if readers is not None:
+            self.loaders = self._loaders(readers)
+            self._wait_until_started(self.placement.per_actor)
+            self.loaders.located()
+        log.info("mesh reused: %s, its actors configured afresh", config.mesh.describe())
+
+    def _loaders(self, readers: dict[str, ShardBatches]) -> LoaderPool:
+        return LoaderPool(self.groups, readers, self.placement.loaders, self.placement.loader_cpus, self.env_vars,
+                          self.config.prefetch, self.config.loader_timeout_s)
+
     def _start(self, per_actor: dict, env_vars: dict[str, str], readers: dict[str, ShardBatches] | None) -> None:
         if readers is not None:
-            self.loaders = LoaderPool(self.groups, readers, self.placement.loaders, self.placement.loader_cpus,
-                                      env_vars, self.config.prefetch, self.config.loader_timeout_s)
+            self.loaders = self._loaders(readers)
         worker_cls = ray.remote(TowerWorker)
         if self.config.cpu_isa == "avx2":  # read by oneDNN when the actor's torch starts
             env_vars = {**env_vars, "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -141,14 +219,15 @@ class ActorMesh:
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 ray.get(done[0])  # raises the actor's exception
-            except ray.exceptions.RayTaskError as err:
-                raise ActorMesh._death_behind(pending) or err
+            except ray.exceptions.RayTaskError as err:  # a broken link may be a partner's death
+                raise (ActorMesh._death_behind(pending) if restartable(err) else None) or err
         return ray.get(refs)
 
     @staticmethod
     def _death_behind(pending: list, wait_s: float = 5.0) -> Exception | None:
         """When one actor dies, its partners fail first (the link or collective they were in
-        broke): report the death, the cause, if Ray sees it within `wait_s`."""
+        broke): report the death, the cause, if Ray sees it within `wait_s`. (An error of the
+        training code is reported at once: its partners wait in a collective, and no death comes.)"""
         ready, _ = ray.wait(pending, num_returns=len(pending), timeout=wait_s) if pending else ([], [])
         for ref in ready:
             try:
@@ -228,11 +307,20 @@ class ActorMesh:
         """Store `value` once in the object store; every actor reads the same copy."""
         return ray.put(value)
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Tear the process groups down (live actors, within `timeout`), kill every actor and
-        release the placement groups."""
+    def __enter__(self) -> "ActorMesh":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """A clean exit keeps the mesh for the next `take` of this process; after an error (an
+        actor may have failed) it is shut down at once."""
+        self.shutdown(failed=True) if kind is not None else self.keep()
+
+    def shutdown(self, failed: bool = False, timeout: float = 10.0) -> None:
+        """Kill every actor and release the placement groups; first, unless the mesh `failed` (an
+        actor may then be blocked in a collective, waiting for a partner that is gone: the teardown
+        would only wait out `timeout`), tear the process groups down within `timeout`."""
         try:
-            if timeout:
+            if not failed:
                 ray.get([actor.shutdown.remote() for actor in self.actors], timeout=timeout)
         except Exception as err:  # a dead actor cannot tear down; killing it below is enough
             log.warning("process-group teardown failed: %s", err)

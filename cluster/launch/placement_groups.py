@@ -41,8 +41,9 @@ def place(config: TrainConfig, with_loaders: bool, wait_for_nodes: bool = False,
     come back, and a plan whose node died before Ray noticed is dropped after `attempt_s` and
     made again. A cluster whose nodes could never hold the mesh, even idle, is reported at once,
     unless `wait_for_nodes` (a restart: a node lost in the failure may come back, or an
-    autoscaler add one)."""
-    timeout = config.placement_timeout_s
+    autoscaler add one), which waits up to --restart-wait-s instead."""
+    timeout, option = ((config.restart_wait_s, "--restart-wait-s") if wait_for_nodes
+                       else (config.placement_timeout_s, "--placement-timeout-s"))
     deadline = time.monotonic() + timeout
     while True:
         capacity = cluster_nodes(capacity=True)
@@ -70,7 +71,7 @@ def place(config: TrainConfig, with_loaders: bool, wait_for_nodes: bool = False,
         if time.monotonic() >= deadline:
             raise PlacementError(f"the replicas' placement groups were not placed within {timeout:g} s (the cluster "
                                  f"has {format_resources(ray.available_resources())} free): free those resources, "
-                                 f"add nodes or raise --placement-timeout-s")
+                                 f"add nodes or raise {option}")
 
 
 def _reserve(config: TrainConfig, per_actor: dict, loader_cpus: float, plan: list[list[Node]],

@@ -64,9 +64,28 @@ class TowerWorker:
         self.config, self.mesh, self.rank = config, config.mesh, rank
         self.coord = self.mesh.coord(rank)
         self.identity = {"rank": rank, **dataclasses.asdict(self.coord)}  # replica, stage, tower
-        torch.set_num_threads(config.threads_per_worker)
         # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned this actor: it is cuda:0 here
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.exchange = self.loss_exchange = local_exchange  # activations; the sharded loss's fp32 values
+        self.exchange_stats = self.loss_stats = ExchangeStats()
+        self.links = StageLinks()
+        self.replica_group = None  # the replicas of this (stage, tower), which average gradients
+        self.sync: GradientSync | None = None
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._writing: concurrent.futures.Future | None = None
+        self.configure(config)
+
+    def configure(self, config: TrainConfig) -> None:
+        """Everything `config` sets, and fresh weights: this actor is then as a new one of a mesh
+        of `config` would be. The process groups stay, so the mesh's shape and the collective
+        timeout must be those it was started with (cluster/launch/actor_mesh.py `reuses`)."""
+        if config.mesh != self.mesh or config.collective_timeout_s != self.config.collective_timeout_s:
+            raise ValueError(f"rank {self.rank} of {self.mesh.describe()} (collective timeout "
+                             f"{self.config.collective_timeout_s:g} s) cannot become one of {config.mesh.describe()} "
+                             f"({config.collective_timeout_s:g} s): start new actors")
+        self.finish_save()
+        self.config = config
+        torch.set_num_threads(config.threads_per_worker)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = config.cudnn_benchmark
@@ -81,16 +100,11 @@ class TowerWorker:
         model_cfg = config.model_config
         self.class_offset = model_cfg.class_offsets[self.coord.tower] if self.mesh.towers == 2 else 0
         self.reference_prefix = f"towers.{self.coord.tower}." if self.mesh.towers == 2 else ""
-        self.exchange = self.loss_exchange = local_exchange  # activations; the sharded loss's fp32 values
-        self.exchange_stats = self.loss_stats = ExchangeStats()
-        self.links = StageLinks()
-        self.replica_group = None  # the replicas of this (stage, tower), which average gradients
-        self.sync: GradientSync | None = None
+        self.exchange_stats.reset()
+        self.loss_stats.reset()
         self.reset(config.seed)
         self.steps_done = 0
-        self.failure_step = faults.failure_step(rank)
-        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self._writing: concurrent.futures.Future | None = None
+        self.failure_step = faults.failure_step(self.rank)
 
     def reset(self, seed: int) -> None:
         """Fresh weights (the paper's init from `seed`) and optimizer state."""

@@ -114,20 +114,18 @@ def evaluate_on_mesh(config: TrainConfig, model: Model, val_data: InputPlan, on_
 
     from cluster.launch.actor_mesh import ActorMesh, PlacementError
     from cluster.launch.loaders import LoaderTimeout
-    from cluster.launch.session import failure_cause, ray_session
+    from cluster.launch.failures import failure_cause
+    from cluster.launch.session import ray_session
     from cluster.trainer import evaluate_scores
 
     cpus = config.mesh.world_size * config.threads_per_worker + config.replicas * max(
         config.loaders_per_replica, 1) * config.loader_threads
     try:
         with ray_session(config.address, cpus) as env:
-            workers = ActorMesh(config, env, readers={"val": val_data.reader})
-            try:
+            with ActorMesh.take(config, env, readers={"val": val_data.reader}) as workers:
                 print_fn(f"placement:\n{workers.placement_table()}")
                 workers.load_consolidated(model.state, {})
                 scores = evaluate_scores(workers, val_data, on_batch=on_batch)
-            finally:
-                workers.shutdown()
     except (PlacementError, LoaderTimeout) as err:
         raise EvaluationFailed(str(err)) from None
     except ray.exceptions.RayError as err:

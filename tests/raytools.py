@@ -188,12 +188,15 @@ class WorkerNode:
     def __init__(self, pgid: int, name: str):
         self.pgid, self.name, self.killed = pgid, name, False
 
-    def kill_raylet(self) -> None:
-        """SIGKILL this node's raylet, as a lost machine would look to the cluster."""
+    def lose(self) -> None:
+        """SIGKILL every process of this node at once (its raylet, agents and actors), as a lost
+        machine. (The raylet alone left its actors a second or two to finish the run first.)"""
         self.killed = True
         for pid in nettools.process_tree(pgids=[self.pgid]):
-            if _comm(pid) == "raylet":
+            try:
                 os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # `ray start --address ...` on 127.0.0.1. Ray keeps a node's IP on loopback only while

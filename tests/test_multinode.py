@@ -1,7 +1,7 @@
 """A real multi-node Ray cluster on one machine: a head with no CPUs and two worker nodes, each a
 separate `ray start` on 127.0.0.1 with its own raylet and resources. The driver's job spans them:
 one replica per node (both towers of a replica together), the same weights as the same job on one
-node; a worker node's raylet killed mid-run is survived once capacity comes back, and reported
+node; a worker node lost mid-run (its processes killed) is survived once capacity comes back, and reported
 clearly when it does not. The module's tests share one head (`cluster`); each starts with two live
 worker nodes, new ones joining in place of those an earlier test killed."""
 
@@ -156,7 +156,7 @@ def test_a_lost_worker_node_is_survived_once_capacity_returns(tiny_demo, single_
     head = cluster.head
     proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--restart-wait-s", "120"), tmp_path / "driver.log")
     wait_for(tmp_path / "run" / "checkpoint-00000004" / checkpoint.MANIFEST, proc, tmp_path / "driver.log")
-    node_b.kill_raylet()
+    node_b.lose()
     time.sleep(5)  # the mesh is down and waiting for a node
     cluster.add()
     proc.wait(timeout=360)
@@ -176,7 +176,7 @@ def test_a_lost_worker_node_that_does_not_come_back_stops_the_run_clearly(tiny_d
     # loaded cores stopped before its first checkpoint); the restart waits 10 s for the lost node
     proc = run_driver(head, job_args(tiny_demo, tmp_path / "run", "--restart-wait-s", "10"), tmp_path / "driver.log")
     wait_for(tmp_path / "run" / "checkpoint-00000002" / checkpoint.MANIFEST, proc, tmp_path / "driver.log")
-    node_b.kill_raylet()
+    node_b.lose()
     proc.wait(timeout=300)
     out = (tmp_path / "driver.log").read_text()
     assert proc.returncode == 1, out[-4000:]

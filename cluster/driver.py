@@ -169,7 +169,8 @@ def train_with_restarts(config: TrainConfig, env: dict, train_data: InputPlan, v
     weights are then spoilt) goes back to the newest checkpoint once, on the same actors; a second
     one stops the run. A mesh that ended well is kept for the next run of this process
     (`ActorMesh.take`); one that failed is killed at once, but for its tower actors when only a
-    loader failed (they wait for its batch, well). `metrics` hears of every attempt's start and every restart's cause."""
+    loader failed (they were waiting for its batch, well). `metrics` hears of every attempt's
+    start and every restart's cause."""
     restarts, nan_restored = 0, False
     env = {**env, **faults.forwarded()}  # tests' fault injection reaches the actors
     while True:

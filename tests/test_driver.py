@@ -185,7 +185,7 @@ def test_a_second_run_reuses_the_actors_and_trains_as_on_new_ones(tiny_demo, tmp
     new = run("new")
     (first_pids,), (reused_pids,), (new_pids,) = map(placement_pids, (first, reused, new))
     assert len(first_pids) == 2 and reused_pids == first_pids and not set(new_pids) & set(first_pids)
-    a, b = shard_tensors(tmp_path / "reused" / "checkpoint-00000003"), shard_tensors(tmp_path / "new" / "checkpoint-00000003")
+    a, b = (shard_tensors(tmp_path / name / "checkpoint-00000003") for name in ("reused", "new"))
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
 
 

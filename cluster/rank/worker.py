@@ -78,7 +78,7 @@ class TowerWorker:
     def configure(self, config: TrainConfig) -> None:
         """Everything `config` sets, and fresh weights: this actor is then as a new one of a mesh
         of `config` would be. The process groups stay, so the mesh's shape and the collective
-        timeout must be those it was started with (cluster/launch/actor_mesh.py `reuses`)."""
+        timeout must be those it was started with (cluster/launch/actor_mesh.py `take`)."""
         if config.mesh != self.mesh or config.collective_timeout_s != self.config.collective_timeout_s:
             raise ValueError(f"rank {self.rank} of {self.mesh.describe()} (collective timeout "
                              f"{self.config.collective_timeout_s:g} s) cannot become one of {config.mesh.describe()} "

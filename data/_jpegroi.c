@@ -665,6 +665,10 @@ static void copy_patch(const uint8_t *src, Py_ssize_t stride, long dy, long dx, 
   }
 }
 
+/* How many pixels an axis of n takes when resized by a scale factor sf, as torch has it:
+ * trunc(n * sf), with input pixels per output pixel 1 / sf (not n / trunc(n * sf): axis_init). */
+static long scaled_size(long n, double sf) { return (long)((double)n * sf); }
+
 /* The (3, crop, crop) patch of an h x w RGB window (row stride `stride` bytes; `end` is the
  * first byte past the source buffer) resized to out_h x out_w with input pixels per output pixel
  * scale_y, scale_x (see axis_init), at (dy, dx) of the resized grid, mirrored when flip, into
@@ -862,8 +866,7 @@ static int check_patch(long height, long width, double sf, long dy, long dx, lon
                  text);
     return -1;
   }
-  return check_inside((long)((double)height * sf), (long)((double)width * sf), dy, dx, crop,
-                      out_len);
+  return check_inside(scaled_size(height, sf), scaled_size(width, sf), dy, dx, crop, out_len);
 }
 
 /* Check that the height x width window at (top, left) lies in the buffer `src` of rows of
@@ -925,9 +928,8 @@ static PyObject *resample_py(PyObject *self, PyObject *args, PyObject *kwargs) {
   PyObject *result = NULL;
   if (check_patch(height, width, sf, dy, dx, crop, out.len) == 0 &&
       check_window(&src, stride, top, left, height, width) == 0)
-    result = resample_window(&src, stride, top, left, height, width, (long)((double)height * sf),
-                             (long)((double)width * sf), 1.0 / sf, 1.0 / sf, dy, dx, crop, flip,
-                             &out);
+    result = resample_window(&src, stride, top, left, height, width, scaled_size(height, sf),
+                             scaled_size(width, sf), 1.0 / sf, 1.0 / sf, dy, dx, crop, flip, &out);
   PyBuffer_Release(&src);
   PyBuffer_Release(&out);
   return result;
@@ -1014,8 +1016,8 @@ static PyObject *decode_view(PyObject *self, PyObject *args, PyObject *kwargs) {
       const Py_ssize_t stride = (Py_ssize_t)job->out_width * 3;
       const uint8_t *origin = job->pixels + (left - (long)job->x_offset) * 3;
       status = resample_patch(origin, stride, job->pixels + job->capacity + RESAMPLE_PAD, height,
-                              width, (long)((double)height * sf), (long)((double)width * sf),
-                              1.0 / sf, 1.0 / sf, dy, dx, crop, flip, (uint8_t *)out.buf);
+                              width, scaled_size(height, sf), scaled_size(width, sf), 1.0 / sf,
+                              1.0 / sf, dy, dx, crop, flip, (uint8_t *)out.buf);
       if (status != 0) snprintf(job->problem, sizeof(job->problem), "out of memory");
     }
     Py_END_ALLOW_THREADS

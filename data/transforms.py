@@ -333,7 +333,7 @@ class TrainTransform(_CropTransform):
         patch = pixels[:, plan.dy : plan.dy + self.crop, plan.dx : plan.dx + self.crop]
         if flip:
             patch = patch.flip(-1)
-        return _into(out, patch.contiguous().numpy())
+        return patch.contiguous().numpy() if out is None else _into(out, patch.numpy())
 
     def _window(self, start: int, scale: float, side: int) -> tuple[int, int]:
         """Source pixels [a, b) of the square whose resize covers output pixels

@@ -1,9 +1,13 @@
-"""PCA colour augmentation (both variants' constants), the ten test views, batched normalisation."""
+"""PCA colour augmentation (both variants' constants), the ten test views, batched normalisation
+(torch's two passes, and data._normalize's one on a CPU, to the bit)."""
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
+import data.normalize
 from data.transforms import (MEAN_RGB, PCA_EIGENVECTORS, EvalTransform, TenViewTransform,
                              normalize_batch, pca_lighting_offset)
 
@@ -38,6 +42,41 @@ def test_normalize_adds_each_images_lighting():
     assert out.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match=r"lighting must be \(2, 3\)"):
         normalize_batch(images, lighting=torch.zeros(3))
+
+
+def test_the_one_pass_extension_is_built_where_required():
+    if os.environ.get("ALEXNET_REQUIRE_JPEGROI") != "1":  # CI sets it: both C extensions must build
+        pytest.skip("ALEXNET_REQUIRE_JPEGROI is not set (CI sets it)")
+    assert data.normalize._normalize is not None, "data._normalize did not build: apt-get install gcc"
+
+
+@pytest.mark.skipif(data.normalize._normalize is None, reason="data._normalize is not built")
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 3, 64, 64), (1, 3, 227, 227), (4, 3, 224, 224)])
+def test_the_one_pass_normalisation_is_torchs_to_the_bit(shape, monkeypatch):
+    # plane sizes that are and are not a multiple of the kernel's 16 pixels and of 32-byte rows;
+    # every kernel: AVX2 or plain C, cached or streamed stores, into an aligned or a shifted buffer
+    one_pass = data.normalize._normalize
+    generator = torch.Generator().manual_seed(sum(shape))
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    for lighting in (None, torch.randn(shape[0], 3, generator=generator) * 20):
+        with monkeypatch.context() as torch_only:
+            torch_only.setattr(data.normalize, "_normalize", None)
+            expected = normalize_batch(images, lighting=lighting)
+        for simd in (True, False):
+            was = one_pass._set_simd(simd)
+            try:
+                for stream_bytes in (0, 1 << 60):
+                    monkeypatch.setattr(data.normalize, "STREAM_BYTES", stream_bytes)
+                    assert torch.equal(normalize_batch(images, lighting=lighting), expected)
+                    shifted = torch.empty(images.numel() + 3)[3:].view(shape)  # 12 bytes off alignment
+                    assert normalize_batch(images, shifted, lighting=lighting) is shifted
+                    assert torch.equal(shifted, expected)
+            finally:
+                one_pass._set_simd(was)
+    with pytest.raises(ValueError, match="not whole planes"):
+        one_pass.normalize(bytes(10), bytes(4), bytearray(40), 3, False)
+    with pytest.raises(ValueError, match="out has 32 bytes, not 9 float32"):
+        one_pass.normalize(bytes(9), bytes(12), bytearray(32), 3, False)
 
 
 def test_ten_views_are_corners_centre_and_their_flips():

@@ -7,7 +7,7 @@
   (data/_normalize.c; data/normalize.py).
 
 Their AVX2 kernels need no flags: they are compiled per function
-(``__attribute__((target("avx2")))``) and used when the CPU has AVX2.
+(``__attribute__((target("avx2")))``) and used when the CPU has AVX2 (data/_simd.h).
 
 Both are optional: without a compiler or libjpeg's header the install goes on with a warning, the
 training loader decodes whole images and resizes them with torch instead, and the batch is
@@ -19,7 +19,8 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("data._jpegroi", sources=["data/_jpegroi.c"], libraries=["jpeg"], optional=True),
-        Extension("data._normalize", sources=["data/_normalize.c"], optional=True),
+        Extension("data._jpegroi", sources=["data/_jpegroi.c"], depends=["data/_simd.h"], libraries=["jpeg"],
+                  optional=True),
+        Extension("data._normalize", sources=["data/_normalize.c"], depends=["data/_simd.h"], optional=True),
     ]
 )

@@ -47,6 +47,8 @@
 
 #include <jpeglib.h>
 
+#include "_simd.h"
+
 #ifndef LIBJPEG_TURBO_VERSION_NUMBER
 #error "data._jpegroi needs libjpeg-turbo (jpeg_crop_scanline, jpeg_skip_scanlines)"
 #endif
@@ -406,9 +408,8 @@ static void split_row(const uint8_t *src, long n, uint8_t *r, uint8_t *g, uint8_
   }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef HAVE_AVX2_KERNELS
 #define RESAMPLE_AVX2 1
-#include <immintrin.h>
 
 /* The horizontal weights in the form the AVX2 kernels take, in output order (mirrored when
  * flip): output n starts `offset[n]` bytes into its row and has `groups` x 4 taps, stored as
@@ -616,7 +617,6 @@ __attribute__((target("avx2"))) static void split_row_avx2(const uint8_t *src, l
 }
 #endif
 
-static int use_simd = 0; /* set at import: the CPU has AVX2 (and tests may turn it off) */
 
 /* Reverse n bytes in place. */
 static void reverse_bytes(uint8_t *p, long n) {
@@ -1037,17 +1037,6 @@ done:
   return result;
 }
 
-static PyObject *set_simd(PyObject *self, PyObject *arg) {
-  (void)self;
-  int want = PyObject_IsTrue(arg);
-  if (want < 0) return NULL;
-  PyObject *was = PyBool_FromLong(use_simd);
-#ifdef RESAMPLE_AVX2
-  use_simd = want && __builtin_cpu_supports("avx2");
-#endif
-  return was;
-}
-
 PyDoc_STRVAR(read_header_doc,
 "read_header(data) -> (height, width, colorspace, progressive)\n"
 "\n"
@@ -1108,9 +1097,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__jpegroi(void) {
-#ifdef RESAMPLE_AVX2
-  use_simd = __builtin_cpu_supports("avx2");
-#endif
+  simd_init();
   PyObject *m = PyModule_Create(&module);
   if (m == NULL) return NULL;
   if (PyModule_AddIntConstant(m, "MARGIN_COLS", MARGIN_COLS) ||

@@ -13,9 +13,9 @@
  * into the cache. Measured on the training reader's batches (docs/BENCHMARKS.md): about a third
  * of torch's time.
  *
- * The AVX2 kernel (16 pixels a step) is compiled per function and used when the CPU has AVX2;
- * plain C otherwise (the compiler vectorises it with SSE2). No Python calls while it runs: the
- * GIL is released.
+ * The AVX2 kernel (16 pixels a step) is compiled per function and used when the CPU has AVX2
+ * (data/_simd.h); plain C otherwise (the compiler vectorises it with SSE2). No Python calls
+ * while it runs: the GIL is released.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -23,13 +23,13 @@
 
 #include <stdint.h>
 
+#include "_simd.h"
+
 static void normalize_plane(const uint8_t *src, float *dst, Py_ssize_t n, float shift) {
   for (Py_ssize_t i = 0; i < n; i++) dst[i] = (float)src[i] + shift;
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define NORMALIZE_AVX2 1
-#include <immintrin.h>
+#ifdef HAVE_AVX2_KERNELS
 
 /* normalize_plane, 16 pixels a step; `stream`: non-temporal stores, from the first 32-byte
  * aligned output onwards (the plain loop does the pixels before it and after the last step). */
@@ -57,8 +57,6 @@ __attribute__((target("avx2"))) static void normalize_plane_avx2(const uint8_t *
   normalize_plane(src + i, dst + i, n - i, shift);
 }
 #endif
-
-static int use_simd = 0; /* set at import: the CPU has AVX2 (and tests may turn it off) */
 
 PyDoc_STRVAR(normalize_doc,
 "normalize(images, shift, out, plane, stream)\n"
@@ -94,7 +92,7 @@ static PyObject *normalize_py(PyObject *self, PyObject *args, PyObject *kwargs) 
     float *dst = out.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t p = 0; p < planes; p++) {
-#ifdef NORMALIZE_AVX2
+#ifdef HAVE_AVX2_KERNELS
       if (use_simd) {
         normalize_plane_avx2(src + p * plane, dst + p * plane, plane, k[p], stream);
         continue;
@@ -102,7 +100,7 @@ static PyObject *normalize_py(PyObject *self, PyObject *args, PyObject *kwargs) 
 #endif
       normalize_plane(src + p * plane, dst + p * plane, plane, k[p]);
     }
-#ifdef NORMALIZE_AVX2
+#ifdef HAVE_AVX2_KERNELS
     if (use_simd && stream) _mm_sfence(); /* the streamed stores before anyone reads `out` */
 #endif
     Py_END_ALLOW_THREADS
@@ -112,17 +110,6 @@ static PyObject *normalize_py(PyObject *self, PyObject *args, PyObject *kwargs) 
   PyBuffer_Release(&shift);
   PyBuffer_Release(&out);
   return result;
-}
-
-static PyObject *set_simd(PyObject *self, PyObject *arg) {
-  (void)self;
-  int want = PyObject_IsTrue(arg);
-  if (want < 0) return NULL;
-  PyObject *was = PyBool_FromLong(use_simd);
-#ifdef NORMALIZE_AVX2
-  use_simd = want && __builtin_cpu_supports("avx2");
-#endif
-  return was;
 }
 
 static PyMethodDef methods[] = {
@@ -143,8 +130,6 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__normalize(void) {
-#ifdef NORMALIZE_AVX2
-  use_simd = __builtin_cpu_supports("avx2");
-#endif
+  simd_init();
   return PyModule_Create(&module);
 }

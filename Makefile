@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: demo test test-fast bench clean-venv
 
 # pip also builds data._jpegroi and data._normalize (setup.py; need gcc and libjpeg-dev, else the
-# loader decodes whole images and torch normalises, with a warning).
+# loader decodes whole images, with a warning, and torch normalises).
 # constraints.txt pins what decides the demo's bytes and numbers (README: "The demo data").
 $(STAMP): pyproject.toml setup.py data/_jpegroi.c data/_normalize.c data/_simd.h constraints.txt
 	python3 -m venv $(VENV)

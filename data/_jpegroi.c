@@ -617,7 +617,6 @@ __attribute__((target("avx2"))) static void split_row_avx2(const uint8_t *src, l
 }
 #endif
 
-
 /* Reverse n bytes in place. */
 static void reverse_bytes(uint8_t *p, long n) {
   for (long i = 0, j = n - 1; i < j; i++, j--) {

@@ -62,7 +62,7 @@ def normalize_batch(
                              out.numel() * out.element_size() >= STREAM_BYTES)
         return out
     out.copy_(images)
-    out.add_(shift.to(images.device, non_blocking=True).view(-1, 3, 1, 1))  # one pass, not two
+    out.add_(shift.to(images.device, non_blocking=True).view(-1, 3, 1, 1))  # mean and offset in one add
     return out
 
 

@@ -45,6 +45,13 @@ def shard_tensors(directory) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """`shard_tensors` of two checkpoints: the same names, every tensor bitwise equal."""
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def placement_pids(out: str) -> list[list[str]]:
     """The tower actors' pids of each placement table the driver printed in `out` (one a mesh)."""
     return [re.findall(r"^\d+ .* (\d+)$", table.split("\nprecision:")[0], re.MULTILINE)

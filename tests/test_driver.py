@@ -18,7 +18,7 @@ from cluster.driver import main
 from cluster.launch.actor_mesh import ActorMesh
 from cluster import faults
 from raytools import short_tmpdir
-from runs import DRIVER, assert_nothing_left, placement_pids, shard_tensors, tiny_run_args
+from runs import DRIVER, assert_nothing_left, assert_same_tensors, placement_pids, shard_tensors, tiny_run_args
 
 
 @pytest.mark.parametrize("args, message", [
@@ -185,8 +185,7 @@ def test_a_second_run_reuses_the_actors_and_trains_as_on_new_ones(tiny_demo, tmp
     new = run("new")
     (first_pids,), (reused_pids,), (new_pids,) = map(placement_pids, (first, reused, new))
     assert len(first_pids) == 2 and reused_pids == first_pids and not set(new_pids) & set(first_pids)
-    a, b = (shard_tensors(tmp_path / name / "checkpoint-00000003") for name in ("reused", "new"))
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert_same_tensors(*(shard_tensors(tmp_path / name / "checkpoint-00000003") for name in ("reused", "new")))
 
 
 def test_pipeline_run_prints_its_split_and_bubble_and_writes_a_trace(tiny_demo, tmp_path, capsys, shared_ray):

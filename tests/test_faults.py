@@ -10,14 +10,13 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 from cluster.ckpt import checkpoint
 import nettools
 from cluster.driver import main
 from cluster import faults
 from cluster.ckpt.storage import TMP_SUFFIX
-from runs import DRIVER, assert_nothing_left, placement_pids, shard_tensors, tiny_run_args
+from runs import DRIVER, assert_nothing_left, assert_same_tensors, placement_pids, shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
@@ -65,12 +64,6 @@ def uninterrupted(tiny_demo, tmp_path_factory, local_ray) -> dict:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     assert main(tiny_run_args(tiny_demo, run_dir, *COMMON)) == 0
     return shard_tensors(run_dir / "checkpoint-00000010")
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 @pytest.mark.timeout(600)

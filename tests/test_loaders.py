@@ -20,7 +20,7 @@ from cluster.telemetry.history import read_history
 from data.loader import ShardBatches, decoded_in_process
 from data.shards import expand_shards, read_samples, write_shards
 from parity import small_config
-from runs import shard_tensors, tiny_run_args
+from runs import assert_same_tensors, shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
@@ -61,9 +61,8 @@ def test_a_checkpoint_of_one_loader_goes_on_with_three_exactly(tiny_demo, tmp_pa
     trained(tiny_demo, tmp_path / "run", capsys, "--max-steps", "3", "--loaders-per-replica", "1")
     out = trained(tiny_demo, tmp_path / "run", capsys, "--max-steps", "6", "--loaders-per-replica", "3")
     assert f"resumed from {tmp_path / 'run' / 'checkpoint-00000003'}" in out and "loaders: 3 per replica" in out
-    a = shard_tensors(tmp_path / "straight" / "checkpoint-00000006")
-    b = shard_tensors(tmp_path / "run" / "checkpoint-00000006")
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert_same_tensors(shard_tensors(tmp_path / "straight" / "checkpoint-00000006"),
+                        shard_tensors(tmp_path / "run" / "checkpoint-00000006"))
 
 
 def test_the_loaders_make_the_replicas_batches_and_keep_prefetch_bounded(tiny_demo, shared_ray):

@@ -31,7 +31,7 @@ from stages.loss import cross_entropy_reference
 from stages.optim import PaperSGD, Rates, set_rates
 from stages.reference import TwoTowerAlexNet
 from data.normalize import normalize_batch
-from runs import shard_tensors, tiny_run_args
+from runs import assert_same_tensors, shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
@@ -160,8 +160,7 @@ def test_a_resumed_fp16_run_goes_on_with_its_loss_scale(tiny_demo, tmp_path, cap
     monkeypatch.delenv(faults.INF_GRAD_ENV)
     resumed = fp16_run(tiny_demo, tmp_path / "run", capsys, "--max-steps", "4")
     assert resumed[4] == (512.0, 0) and straight[4] == (512.0, 1)  # the scale came back; the count is this attempt's
-    a, b = (shard_tensors(tmp_path / name / "checkpoint-00000004") for name in ("straight", "run"))
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert_same_tensors(*(shard_tensors(tmp_path / name / "checkpoint-00000004") for name in ("straight", "run")))
 
 
 @pytest.mark.parametrize("first, then", [("bf16", "fp32"), ("fp32", "bf16")])

@@ -6,12 +6,11 @@ import os
 import re
 
 import pytest
-import torch
 
 from cluster.ckpt import checkpoint
 from cluster.driver import main
 from cluster.ckpt.consolidate import consolidate_with_momentum
-from runs import losses, shard_tensors, tiny_run_args
+from runs import assert_same_tensors, losses, shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
@@ -43,11 +42,8 @@ def test_a_resumed_run_continues_exactly(tiny_demo, tmp_path, capsys, mesh, shar
     # epoch 1 ends at step 7, after the resume: the same evaluation
     epoch_line = re.compile(r"^epoch 1/2: train loss .* val top-5 [\d.]+%", re.MULTILINE)
     assert epoch_line.search(straight).group(0) == epoch_line.search(resumed).group(0)
-    a = shard_tensors(tmp_path / "straight" / "checkpoint-00000010")
-    b = shard_tensors(tmp_path / "stopped" / "checkpoint-00000010")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_tensors(shard_tensors(tmp_path / "straight" / "checkpoint-00000010"),
+                        shard_tensors(tmp_path / "stopped" / "checkpoint-00000010"))
     # keep_checkpoints (3): steps 3 and 5 were pruned from "stopped", 6, 9 and 10 remain (next to
     # the run's metrics history and report), and no storage-check or temporary file is left
     left = sorted(os.listdir(tmp_path / "stopped"))

@@ -25,7 +25,7 @@ from cluster import export
 from cluster.ckpt import checkpoint, storage
 from cluster.driver import main
 from cluster.ckpt.reach import CHECK_FILE as STORAGE_CHECK
-from runs import STEP, losses, one_process_worker, shard_tensors, tiny_run_args
+from runs import STEP, assert_same_tensors, losses, one_process_worker, shard_tensors, tiny_run_args
 
 BUCKET = "alexnet-runs"
 S3_ACCESS = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
@@ -256,11 +256,8 @@ def test_a_run_on_s3_resumes_exactly_and_exports(s3, restarted_ray, tiny_demo, t
     resumed = capsys.readouterr().out
     assert f"resumed from {checkpoint.checkpoint_dir(run, 3)}" in resumed
     assert losses(straight) == {**losses(first_part), **losses(resumed)} and len(losses(straight)) == 5
-    a = shard_tensors(tmp_path / "straight" / "checkpoint-00000005")
-    b = shard_tensors(checkpoint.checkpoint_dir(run, 5))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_tensors(shard_tensors(tmp_path / "straight" / "checkpoint-00000005"),
+                        shard_tensors(checkpoint.checkpoint_dir(run, 5)))
     # no storage-check file left behind
     names = storage.open_storage(run).listdir()
     assert [name for name in names if name.startswith("checkpoint-")] == ["checkpoint-00000003", "checkpoint-00000005"]

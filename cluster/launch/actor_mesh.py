@@ -54,7 +54,6 @@ class ActorMesh:
         self.placement = place(config, readers is not None, wait_for_nodes)
         self.groups = self.placement.groups
         self.uses_gpu = "GPU" in self.placement.per_actor
-        self.precision = resolve(config.precision, "cuda" if self.uses_gpu else "cpu")  # what the actors compute in
         self.actors, self.loaders = [], None
         try:
             self._start(self.placement.per_actor, self.env_vars, readers)
@@ -62,6 +61,11 @@ class ActorMesh:
             self.shutdown(failed=True)
             raise
         log.info("mesh up: %s, backend %s, rendezvous %s:%d", config.mesh.describe(), self.backend, *self.rendezvous)
+
+    @property
+    def precision(self) -> str:
+        """What the actors compute in: --precision resolved for their device."""
+        return resolve(self.config.precision, "cuda" if self.uses_gpu else "cpu")
 
     @staticmethod
     def _processes(config: TrainConfig, env_vars: dict[str, str] | None, readers) -> tuple:
@@ -78,8 +82,7 @@ class ActorMesh:
         loaders, if its processes are the ones `config` wants; else a new mesh."""
         global _idle
         idle, _idle = _idle, None
-        if idle is not None and idle.processes == cls._processes(config, env_vars, readers) \
-                and idle.cluster == ray.get_runtime_context().get_node_id():
+        if idle is not None and idle.processes == cls._processes(config, env_vars, readers) and idle._in_this_ray():
             try:
                 idle._configure(config, readers)
                 return idle
@@ -106,8 +109,12 @@ class ActorMesh:
         """Shut the kept mesh down, if any (before its Ray is, or when its resources are wanted)."""
         global _idle
         idle, _idle = _idle, None
-        if idle is not None and ray.is_initialized() and idle.cluster == ray.get_runtime_context().get_node_id():
+        if idle is not None and idle._in_this_ray():
             idle.shutdown()
+
+    def _in_this_ray(self) -> bool:
+        """Whether this kept mesh's actors belong to the Ray this process is connected to now."""
+        return ray.is_initialized() and self.cluster == ray.get_runtime_context().get_node_id()
 
     def loaders_alone_failed(self, err: Exception) -> bool:
         """Whether `err` is only a loader's failure (it hung, or its process died): the tower
@@ -121,7 +128,6 @@ class ActorMesh:
     def _configure(self, config: TrainConfig, readers: dict[str, ShardBatches] | None) -> None:
         self._gather([actor.configure.remote(config) for actor in self.actors])
         self.config = config
-        self.precision = resolve(config.precision, "cuda" if self.uses_gpu else "cpu")
         if readers is not None:
             self.loaders = self._loaders(readers)
             self._wait_until_started(self.placement.per_actor)

@@ -41,5 +41,3 @@ def restart_cause(err: Exception) -> str:
     if isinstance(err, LoaderTimeout):
         return "loader_timeout"
     return "collective_timeout" if "Timed out" in failure_cause(err) else "collective_failed"
-
-

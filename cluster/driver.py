@@ -36,7 +36,7 @@ from cluster.trainer import (NonFiniteLoss, Start, TrainResult, describe_schedul
 from data.demo import ensure_demo_dataset  # noqa: E402
 from data.loader import DataError, decoded_in_process  # noqa: E402
 from data.shards import expand_shards  # noqa: E402
-from stages.config import SWITCHES  # noqa: E402
+from stages.config import PAPER_FC_WIDTH, SWITCHES  # noqa: E402
 from stages.reference import parameter_count  # noqa: E402
 from stages.split import layer_costs, split_table  # noqa: E402
 
@@ -229,6 +229,8 @@ def network_line(config: TrainConfig) -> str:
         line += f" (the two-tower net: {parameter_count(dataclasses.replace(model, net='two-tower')):,})"
     changed = [f"{name} {getattr(model, name)}" for name, choices in SWITCHES.items()
                if getattr(model, name) != choices[0]]
+    if model.fc_width != PAPER_FC_WIDTH:
+        changed.append(f"fc_width {model.fc_width}")
     return line + (f"; not the paper's: {', '.join(changed)}" if changed else "")
 
 

@@ -22,6 +22,7 @@ DROPOUT_STYLES = ("paper", "inverted")
 SWITCHES = {"activation": ACTIVATIONS, "lrn": LRN_CHOICES, "pooling": POOLINGS, "net": NETS,
             "dropout_style": DROPOUT_STYLES}
 TOWERS = 2  # the paper's network has two towers; how many processes hold them is cluster's
+PAPER_FC_WIDTH = 4096  # units of fc6 and of fc7 over both towers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,12 @@ class ModelConfig:
     image_size: int = 224
     """Side of the square input crop. 224 gives the paper's 55/27/13/6 map sizes; smaller inputs
     keep every layer but shrink the maps (and so fc6's input width)."""
+
+    fc_width: int = PAPER_FC_WIDTH
+    """Units of fc6 and of fc7 over the whole network: the paper's 4096, 2048 in each tower (the
+    one-tower net's one tower holds all). Narrower layers keep every layer and every crossing but
+    take far less compute; the tests train them (at the paper's width fc6–fc8 hold 88% of the
+    test network's weights and most of its CPU time)."""
 
     dropout: float = 0.5
     """Dropout probability on the outputs of fc6 and fc7 (§4.2). 0 turns it off (tests)."""
@@ -85,6 +92,9 @@ class ModelConfig:
             raise ValueError(
                 f"image_size must be at least 63 (smallest input that leaves a 1×1 map after pool5), "
                 f"got {self.image_size}")
+        if self.fc_width < self.towers or self.fc_width % self.towers:
+            raise ValueError(f"fc_width must be a positive multiple of {self.towers} (the towers share fc6 and fc7 "
+                             f"equally), got {self.fc_width}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

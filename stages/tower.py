@@ -7,7 +7,8 @@ right before each layer whose input crosses towers — conv3, fc6, fc7 and fc8.
 
 The ablation switches of `ModelConfig` (activation, lrn, pooling, dropout_style) only change the
 pieces `build_layer` puts after each learned layer. With `net` = one-tower-half the network has
-one tower of `ONE_TOWER_HALF_WIDTH` widths, no layer crosses towers and the exchange is never called.
+one tower of `ONE_TOWER_HALF_CONV_WIDTH` convolutions, no layer crosses towers and the exchange
+is never called. `fc_width` sets fc6's and fc7's units (the paper's 4096 over both towers).
 """
 
 from collections import OrderedDict
@@ -26,17 +27,19 @@ BIAS_ONE_LAYERS = frozenset({"conv2", "conv4", "conv5", "fc6", "fc7"})  # §5: b
 
 Exchange = Callable[[Tensor], Tensor]
 
-# Per-tower widths (PAPER.md table); fc8's width is cfg.fc8_split[tower].
-WIDTH = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128, "fc6": 2048, "fc7": 2048}
+# Per-tower output channels of the convolutions (PAPER.md table); fc6's and fc7's units are
+# cfg.fc_width shared by the towers (2048 each in the paper), fc8's cfg.fc8_split[tower].
+CONV_WIDTH = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 128}
 # §3.2's comparison net, one tower (`net` = one-tower-half): half the kernels in conv1–conv4, but
 # the full conv5 and fully-connected layers (its footnote; the authors' layers-145-half.cfg).
-ONE_TOWER_HALF_WIDTH = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 256,
-                        "fc6": 4096, "fc7": 4096}
+ONE_TOWER_HALF_CONV_WIDTH = {"conv1": 48, "conv2": 128, "conv3": 192, "conv4": 192, "conv5": 256}
 
 
 def widths(cfg: ModelConfig) -> dict[str, int]:
     """Each layer's output channels or units in one tower of `cfg`'s network (fc8: cfg.fc8_split)."""
-    return ONE_TOWER_HALF_WIDTH if cfg.net == "one-tower-half" else WIDTH
+    convs = ONE_TOWER_HALF_CONV_WIDTH if cfg.net == "one-tower-half" else CONV_WIDTH
+    units = cfg.fc_width // cfg.towers
+    return {**convs, "fc6": units, "fc7": units}
 
 
 def cross_layers(cfg: ModelConfig) -> frozenset[str]:

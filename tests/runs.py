@@ -8,9 +8,9 @@ import time
 import torch
 
 from cluster.ckpt import checkpoint
-from cluster.config import TrainConfig
 from cluster.rank.pipeline import StepPlan
 from cluster.rank.worker import TowerWorker
+from parity import FC_WIDTH, small_config
 from raytools import REPO
 import nettools
 
@@ -18,14 +18,19 @@ DRIVER = [sys.executable, str(REPO / "cluster" / "driver.py")]
 STEP_LOSS = re.compile(r"^step (\d+)/\d+ \| epoch \d+/\d+ \| loss ([\d.]+)", re.MULTILINE)
 
 
+# The driver runs' network: the demo's ten classes, 72×72 images cropped to 64×64 (maps
+# 15/7/3/1), fc6 and fc7 of parity.FC_WIDTH units.
+TINY_MODEL = ["--num-classes", "10", "--image-size", "64", "--resize", "72", "--fc-width", str(FC_WIDTH)]
+
+
 def tiny_run_args(demo, run_dir, *extra) -> list[str]:
-    # 72×72 images cropped to 64×64 (maps 15/7/3/1), 8-image batches: seconds per run. No report
-    # plots (a second of matplotlib a run) unless a test asks for them with --report. The CPU's own
-    # kernels (the demo recipe pins AVX2, test_the_demo_pins_its_cpu_kernels checks it), so that
-    # the actors need no runtime env of their own (half a second each) and compute as this process.
-    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
-            "--image-size", "64", "--resize", "72", "--batch-size", "8", "--epochs", "1",
-            "--run-dir", str(run_dir), "--log-every", "2", "--no-report", "--cpu-isa", "auto", *extra]
+    # TINY_MODEL in 8-image batches: seconds per run. No report plots (a second of matplotlib a
+    # run) unless a test asks for them with --report. The CPU's own kernels (the demo recipe pins
+    # AVX2, test_the_demo_pins_its_cpu_kernels checks it), so that the actors need no runtime env
+    # of their own (half a second each) and compute as this process.
+    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, *TINY_MODEL, "--batch-size", "8",
+            "--epochs", "1", "--run-dir", str(run_dir), "--log-every", "2", "--no-report", "--cpu-isa", "auto",
+            *extra]
 
 
 def losses(out: str) -> dict[int, str]:
@@ -71,6 +76,5 @@ STEP = StepPlan("train", microbatches=1, rows=4, lr=0.01)  # one whole-batch ste
 
 def one_process_worker() -> TowerWorker:
     # one process holding both towers (no process group needed); 63×63 input keeps it quick
-    config = TrainConfig(recipe="test", num_classes=10, image_size=63, resize=63, dropout=0.0, batch_size=4,
-                         towers=1, train_data="unused", val_data="unused", seed=3, channels_last=False)
+    config = small_config(batch_size=4, towers=1, seed=3)
     return TowerWorker(config, rank=0)

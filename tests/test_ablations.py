@@ -13,8 +13,8 @@ from torch import nn
 from cluster import export
 from cluster.ckpt import checkpoint, consolidate
 from cluster.driver import main
-from parity import (assert_evaluation_like, assert_gradients_like, assert_loss_close, assert_trained_like, batches,
-                    one_mesh_at_a_time, reference_evaluation, reference_run, replica_weights, small_config,
+from parity import (FC_WIDTH, assert_evaluation_like, assert_gradients_like, assert_loss_close, assert_trained_like,
+                    batches, one_mesh_at_a_time, reference_evaluation, reference_run, replica_weights, small_config,
                     train_mesh)
 from stages.config import VARIANTS, ModelConfig
 from stages.grouped import GroupedAlexNet, grouped_keys, to_grouped
@@ -209,10 +209,10 @@ def test_the_one_tower_net_prints_both_counts_trains_in_two_stages_and_exports(t
                          "--microbatches", "2")
     assert main(args) == 0
     out = capsys.readouterr().out
-    tiny = ModelConfig(net="one-tower-half", num_classes=10, image_size=64)
-    two = ModelConfig(num_classes=10, image_size=64)
+    tiny = ModelConfig(net="one-tower-half", num_classes=10, image_size=64, fc_width=FC_WIDTH)
+    two = ModelConfig(num_classes=10, image_size=64, fc_width=FC_WIDTH)
     assert (f"network: one-tower-half (paper variant), {parameter_count(tiny):,} parameters (the two-tower net: "
-            f"{parameter_count(two):,}); not the paper's: net one-tower-half") in out, out
+            f"{parameter_count(two):,}); not the paper's: net one-tower-half, fc_width {FC_WIDTH}") in out, out
     assert export.main([str(run), str(tmp_path / "net.pt")]) == 0
     description = json.loads((tmp_path / "net.json").read_text())
     assert description["model_config"]["net"] == "one-tower-half"
@@ -240,15 +240,19 @@ def test_bad_switches_fail_before_any_actor_with_one_line(tiny_demo, tmp_path, c
 
 def test_a_checkpoint_or_export_from_before_the_switches_keeps_torchs_dropout():
     """A manifest or export description without the switches was trained with the paper's
-    network and torch.nn.Dropout, the only dropout then: it is read so, and resuming it under
-    today's default dropout is refused, naming the field."""
-    saved = {k: v for k, v in small_config(dropout=0.5).to_dict().items() if k not in checkpoint.ARCHITECTURE_BEFORE}
+    network (fc6 and fc7 of 4096 units) and torch.nn.Dropout, the only dropout then: it is read
+    so, and resuming it under today's default dropout or another width is refused, naming the field."""
+    then = dict(dropout=0.5, fc_width=4096)
+    saved = {k: v for k, v in small_config(**then).to_dict().items() if k not in checkpoint.ARCHITECTURE_BEFORE}
     old = {checkpoint.KEY_CONFIG: saved}
     assert consolidate.model_config(old).dropout_style == "inverted"
-    assert consolidate.model_config(old) == small_config(dropout=0.5, dropout_style="inverted").model_config
+    assert consolidate.model_config(old) == small_config(**then, dropout_style="inverted").model_config
     description = {"model_config": {k: v for k, v in dataclasses.asdict(small_config().model_config).items()
                                     if k not in checkpoint.ARCHITECTURE_BEFORE}}
     assert consolidate.export_model_config(description).dropout_style == "inverted"
+    assert consolidate.export_model_config(description).fc_width == 4096
     with pytest.raises(checkpoint.CheckpointError, match=r"dropout_style='inverted' \(now 'paper'\)"):
-        checkpoint.check_compatible(old, small_config(dropout=0.5).to_dict(), "old")
-    assert checkpoint.check_compatible(old, small_config(dropout=0.5, dropout_style="inverted").to_dict(), "old") is False
+        checkpoint.check_compatible(old, small_config(**then).to_dict(), "old")
+    with pytest.raises(checkpoint.CheckpointError, match=r"fc_width=4096 \(now 256\)"):
+        checkpoint.check_compatible(old, small_config(dropout=0.5, dropout_style="inverted").to_dict(), "old")
+    assert checkpoint.check_compatible(old, small_config(**then, dropout_style="inverted").to_dict(), "old") is False

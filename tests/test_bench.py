@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from raytools import REPO
+from runs import TINY_MODEL
 
 pytestmark = pytest.mark.ray  # most start a local Ray
 
@@ -51,8 +52,7 @@ def test_data_pipeline(tmp_path):
 
 def test_metrics_overhead(tmp_path, tiny_demo):
     out, result = run_bench("metrics_overhead", tmp_path, "--train-data", tiny_demo.train_pattern, "--val-data",
-                            tiny_demo.val_pattern, "--num-classes", "10", "--image-size", "64", "--resize", "72",
-                            "--batch-size", "8")
+                            tiny_demo.val_pattern, *TINY_MODEL, "--batch-size", "8")
     assert "on/off" in out and result["ratio"] > 0
 
 

@@ -26,6 +26,7 @@ from runs import DRIVER, assert_nothing_left, assert_same_tensors, placement_pid
      "batch_size 100 must be divisible by microbatches 3: allowed microbatches are divisors of the batch"),
     (["--recipe", "resnet"], "recipe must be one of alexnet_2012, cuda_convnet_2012, demo, got 'resnet'"),
     (["--towers", "3"], "towers must be one of 1, 2, got 3"),
+    (["--fc-width", "255"], "fc_width must be a positive multiple of 2 (the towers share fc6 and fc7 equally), got 255"),
     (["--replicas", "0"], "replicas must be in 1..1024, got 0"),
     (["--stage-resources", "1=ssd"], "stage_resources must be STAGE=RESOURCE items with STAGE in 0..0"),
     (["--lr-scaling", "sqrt"], "lr_scaling must be one of linear, none, got 'sqrt'"),

@@ -8,16 +8,16 @@ from cluster import experiments
 from cluster.ckpt import checkpoint
 from cluster.telemetry.experiments import BASELINE, EXPERIMENTS, VARIANTS, Result, figure1_summary, table
 from cluster.telemetry.history import read_history
+from runs import TINY_MODEL
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_flags(demo) -> list[str]:
-    # 64×64 crops of 72×72 images, batches of 20: 3 steps an epoch of the 60 training images; the
-    # CPU's own kernels, as tests/runs.py's tiny_run_args (no runtime env per actor)
-    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
-            "--image-size", "64", "--resize", "72", "--batch-size", "20", "--log-every", "3", "--no-report",
-            "--metrics-addr", "off", "--cpu-isa", "auto"]
+    # tests/runs.py's network in batches of 20: 3 steps an epoch of the 60 training images; the
+    # CPU's own kernels, as its tiny_run_args (no runtime env per actor)
+    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, *TINY_MODEL, "--batch-size", "20",
+            "--log-every", "3", "--no-report", "--metrics-addr", "off", "--cpu-isa", "auto"]
 
 
 @pytest.mark.timeout(600)

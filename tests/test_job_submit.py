@@ -14,10 +14,11 @@ import time
 import pytest
 import torch
 
+from cluster import faults
 from cluster.ckpt import checkpoint
 from cluster.driver import main
 from raytools import RAY_CLI, REPO, own_head, short_tmpdir
-from runs import shard_tensors
+from runs import TINY_MODEL, shard_tensors
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
@@ -42,8 +43,8 @@ def test_the_readme_block_is_the_one_tested():
 
 
 def tiny_args(demo, *extra) -> list[str]:
-    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
-            "--image-size", "64", "--resize", "72", "--batch-size", "8", "--epochs", "1", *extra]
+    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, *TINY_MODEL, "--batch-size", "8",
+            "--epochs", "1", *extra]
 
 
 def working_copy(into) -> str:
@@ -114,7 +115,10 @@ def test_a_stopped_job_submitted_again_goes_on_exactly(tiny_demo, shared_ray):
         (home / ".ray" / "auth_token").write_text("a-token-from-make-demo-" + "0" * 40)
         args = tiny_args(tiny_demo, "--epochs", "2", "--max-steps", "12", "--checkpoint-every", "2", "--log-every",
                          "1", "--run-dir", str(tmp / "run"))
-        with own_head(tmp, num_cpus=3, home=home) as head:
+        # the first job's tower 0 sleeps at step 7 (once: the marker), so the stop lands mid-run
+        # however quick the steps; the newest checkpoint is then 4 or 6
+        hung = tmp / "hung"
+        with own_head(tmp, num_cpus=3, home=home, extra_env={faults.HANG_ENV: f"0:7:{hung}"}) as head:
             env = {**head.env, "HOME": str(home), "RAY_AUTH_MODE": "token"}  # README_BLOCK[2]
 
             def job(*words: str, timeout: float = 360) -> subprocess.CompletedProcess:
@@ -125,7 +129,7 @@ def test_a_stopped_job_submitted_again_goes_on_exactly(tiny_demo, shared_ray):
             driver = ["--", "python", "cluster/driver.py", *args]
             assert job(*submit, "--no-wait", "--submission-id", "first", *driver).returncode == 0
             deadline = time.monotonic() + 240
-            while not (tmp / "run" / "checkpoint-00000004" / checkpoint.MANIFEST).exists():
+            while not (hung.exists() and (tmp / "run" / "checkpoint-00000004" / checkpoint.MANIFEST).exists()):
                 assert time.monotonic() < deadline, job("logs", "--address", head.dashboard, "first").stdout[-3000:]
                 time.sleep(0.5)
             stopped = job("stop", "--address", head.dashboard, "first")

@@ -47,6 +47,25 @@ def test_every_layer_shape_and_output_size():
     assert (55 - 3) // 2 + 1 == 27 and tower.layers["conv1"].conv(torch.zeros(1, 3, 224, 224)).shape[-1] == 55
 
 
+def test_a_narrower_fc_width_changes_fc6_and_fc7_only():
+    """--fc-width (the tests' small network): fc6 and fc7 hold fc_width units over the towers,
+    fc7 and fc8 read them; every convolution keeps the paper's shape."""
+    paper, narrow = (HalfTower(ModelConfig(fc_width=width), tower=1) for width in (4096, 256))
+    for name in ("conv1", "conv2", "conv3", "conv4", "conv5"):
+        assert {k: tuple(p.shape) for k, p in narrow.layers[name].named_parameters()} == \
+            {k: tuple(p.shape) for k, p in paper.layers[name].named_parameters()}, name
+    assert [tuple(narrow.layers[n].fc.weight.shape) for n in ("fc6", "fc7", "fc8")] == [(128, 9216), (128, 256),
+                                                                                        (500, 256)]
+    one = TwoTowerAlexNet(ModelConfig(net="one-tower-half", fc_width=256, num_classes=10))
+    assert [tuple(one.towers[0].layers[n].fc.weight.shape) for n in ("fc6", "fc7", "fc8")] == [(256, 9216),
+                                                                                              (256, 256), (10, 256)]
+    logits = TwoTowerAlexNet(ModelConfig(fc_width=256, num_classes=10)).eval()(torch.randn(2, 3, 224, 224))
+    assert logits.shape == (2, 10)
+    for width in (0, 255, -2):
+        with pytest.raises(ValueError, match=f"fc_width must be a positive multiple of 2 .*got {width}"):
+            ModelConfig(fc_width=width)
+
+
 def test_reference_logits_and_fc8_on_tower_zero():
     x = torch.randn(2, 3, 224, 224)
     assert TwoTowerAlexNet(ModelConfig()).eval()(x).shape == (2, 1000)

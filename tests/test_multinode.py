@@ -20,7 +20,7 @@ from cluster.driver import main
 from cluster.ckpt.consolidate import consolidate
 from parity import assert_rel_close
 from raytools import REPO, own_head, short_tmpdir, worker_node
-from runs import shard_tensors
+from runs import TINY_MODEL, shard_tensors
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
@@ -33,8 +33,8 @@ STEPS = 8
 
 def job_args(demo, run_dir, *extra) -> list[str]:
     """2 replicas × 2 towers of 4 images (global batch 8), a checkpoint every 2 steps."""
-    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, "--num-classes", "10",
-            "--image-size", "64", "--resize", "72", "--batch-size", "4", "--replicas", "2", "--epochs", "2",
+    return ["--train-data", demo.train_pattern, "--val-data", demo.val_pattern, *TINY_MODEL, "--batch-size", "4",
+            "--replicas", "2", "--epochs", "2",
             "--max-steps", str(STEPS), "--checkpoint-every", "2", "--log-every", "1", "--run-dir", str(run_dir),
             "--placement-timeout-s", "60", "--dropout", "0", *extra]
 

@@ -26,7 +26,8 @@ from cluster.driver import main
 
 from cluster.launch.actor_mesh import ActorMesh
 from cluster.rank.precision import DTYPES
-from parity import LRS, batches, small_config
+from parity import batches, small_config
+from stages.config import PAPER_FC_WIDTH
 from stages.loss import cross_entropy_reference
 from stages.optim import PaperSGD, Rates, set_rates
 from stages.reference import TwoTowerAlexNet
@@ -37,6 +38,10 @@ pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leave
 
 SAME_PRECISION = {"updates": 1e-3, "grads": 1e-3}
 VS_FP32 = {"bf16": 0.35, "fp16": 0.35}  # measured: 0.28, and 0.15 to 0.26
+# The tolerances of the runs below were measured on the paper's fc width and ε, and they keep both
+# (tests/parity.py's narrow net at 10× the ε drifts further from fp32 in bf16 and fp16).
+PAPER = dict(fc_width=PAPER_FC_WIDTH)
+LRS = (0.01, 0.01, 0.001)
 
 
 def max_rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -83,7 +88,8 @@ def runs(local_ray):
     found = {}
     for key, (precision, batch) in RUNS.items():
         # fp16: the initial loss scale 2^10 (2^16 overflows these random batches' first gradients)
-        config = small_config(towers=2, microbatches=2, batch_size=batch, precision=precision, loss_scale=1024.0)
+        config = small_config(**PAPER, towers=2, microbatches=2, batch_size=batch, precision=precision,
+                              loss_scale=1024.0)
         with ActorMesh.take(config) as workers:
             images, labels, lighting = next(batches(config, 1))
             grads = {n: g for probe in workers.probe(images, labels, lighting) for n, g in probe.grads.items()}
@@ -190,7 +196,7 @@ def test_a_bf16_gradient_all_reduce_halves_its_bytes(local_ray):
     step; measured: under 1%)."""
     updates, sent = {}, {}
     for dtype in ("fp32", "bf16"):
-        config = small_config(replicas=2, batch_size=4, grad_reduce_dtype=dtype)
+        config = small_config(**PAPER, replicas=2, batch_size=4, grad_reduce_dtype=dtype)
         with ActorMesh.take(config) as workers:
             start = {n: w for params in workers.named_parameters() for n, w in params.items()}
             for (images, labels, lighting), lr in zip(batches(small_config(batch_size=8), len(LRS)), LRS):

@@ -29,12 +29,12 @@ SHARD_SCALER = "loss_scaler"  # an fp16 run's loss scale (cluster/rank/precision
 KEY_LOADER = "loader"  # the training reader's position: resuming continues with the next sample
 KEY_TRAINER = "trainer"  # the loop's own state: lr schedule, the epoch's running loss
 # Fields a checkpoint's weights depend on: resuming with any other value is refused.
-ARCHITECTURE_FIELDS = ("variant", "num_classes", "image_size", "net", "activation", "lrn", "pooling",
-                       "dropout_style", "lrn_text_alpha")
+ARCHITECTURE_FIELDS = ("variant", "num_classes", "image_size", "fc_width", "net", "activation", "lrn",
+                       "pooling", "dropout_style", "lrn_text_alpha")
 # What a manifest written before a field existed was trained with: the paper's network, and
 # torch.nn.Dropout, the only dropout until `dropout_style` came.
-ARCHITECTURE_BEFORE = {"net": "two-tower", "activation": "relu", "lrn": "on", "pooling": "overlapping",
-                       "dropout_style": "inverted", "lrn_text_alpha": False}
+ARCHITECTURE_BEFORE = {"fc_width": 4096, "net": "two-tower", "activation": "relu", "lrn": "on",
+                       "pooling": "overlapping", "dropout_style": "inverted", "lrn_text_alpha": False}
 # Fields of the mesh's shape: another value means the whole network is gathered and re-split.
 MESH_FIELDS = ("replicas", "stages", "towers", "stage_split")
 

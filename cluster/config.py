@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from cluster.plan.mesh import Mesh
 from cluster.plan.schedule import SCHEDULES
 from cluster.rank.precision import PRECISIONS, REDUCE_DTYPES
-from stages.config import ModelConfig
+from stages.config import PAPER_FC_WIDTH, ModelConfig
 from stages.optim import BIAS_LR_FACTOR_2012, RecordedSchedule
 from stages.split import BALANCE, Split, format_split, resolve_split
 
@@ -70,8 +70,9 @@ class TrainConfig:
     num_classes: int = _opt(1000, "classes in the softmax; the demo data has its own count")
     image_size: int = _opt(224, "input crop side (224 in the paper)")
     resize: int = _opt(256, "shorter side the image is rescaled to, then centre-cropped square (256)")
-    fc_width: int = _opt(4096, "units of fc6 and of fc7 over both towers (4096 in the paper, half in each tower); "
-                               "narrower ones keep every layer and crossing at a fraction of the compute")
+    fc_width: int = _opt(PAPER_FC_WIDTH, "units of fc6 and of fc7 over both towers (4096 in the paper, half in each "
+                                         "tower); narrower ones keep every layer and crossing at a fraction of the "
+                                         "compute")
     dropout: float = _opt(0.5, "dropout on fc6 and fc7 outputs; 0 turns it off")
     dropout_style: str = _opt("paper", "`paper` (§4.2 and the 2012 code): the kept units unscaled in training, "
                                        "outputs × (1 − dropout) at test; `inverted`: torch.nn.Dropout (kept units "

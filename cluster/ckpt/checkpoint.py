@@ -20,6 +20,7 @@ import re
 import torch
 
 from cluster.ckpt import storage
+from stages.config import PAPER_FC_WIDTH
 
 MANIFEST = "manifest.json"
 KEY_STEP, KEY_EPOCH, KEY_CONFIG, KEY_MESH, KEY_SHARDS = "step", "epoch", "config", "mesh", "shards"
@@ -33,7 +34,7 @@ ARCHITECTURE_FIELDS = ("variant", "num_classes", "image_size", "fc_width", "net"
                        "pooling", "dropout_style", "lrn_text_alpha")
 # What a manifest written before a field existed was trained with: the paper's network, and
 # torch.nn.Dropout, the only dropout until `dropout_style` came.
-ARCHITECTURE_BEFORE = {"fc_width": 4096, "net": "two-tower", "activation": "relu", "lrn": "on",
+ARCHITECTURE_BEFORE = {"fc_width": PAPER_FC_WIDTH, "net": "two-tower", "activation": "relu", "lrn": "on",
                        "pooling": "overlapping", "dropout_style": "inverted", "lrn_text_alpha": False}
 # Fields of the mesh's shape: another value means the whole network is gathered and re-split.
 MESH_FIELDS = ("replicas", "stages", "towers", "stage_split")

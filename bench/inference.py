@@ -109,7 +109,7 @@ def run_infer(model_path: str, pattern: str, out: str, args: argparse.Namespace)
         return json.load(f)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run on tiny data (the suite's)")
     parser.add_argument("--data", help="shards to predict (default: the demo's validation shards, --copies times)")
@@ -120,7 +120,7 @@ def main() -> int:
     parser.add_argument("--gpus-per-worker", type=float, help="cluster.infer's GPUs per actor (default: its own)")
     parser.add_argument("--address", default="", help="Ray cluster for cluster.infer (default: a local one)")
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     work = tempfile.mkdtemp(prefix="bench-inference-")
     try:
         if args.quick:

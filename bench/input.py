@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
-from cluster.launch import localnet  # noqa: E402
 from cluster.launch.loaders import LoaderPool  # noqa: E402
+from cluster.launch.session import ray_session  # noqa: E402
 from cluster.rank.staging import from_object_store  # noqa: E402
 from data.loader import ShardBatches  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
@@ -146,12 +146,10 @@ def main(argv=None) -> int:
     quality = 99
     corpus = ensure_corpus(args.corpus or default_corpus_dir(args.images, quality), corpus_params(args.images, quality))
     folder = os.path.join(corpus, FULL if args.shards == "full" else RESIZED)
-    restore_env = localnet.apply_loopback_env()
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address=localnet.LOOPBACK, log_to_driver=False)
     rates: dict[str, list[float]] = {"old": [], "K=1": [], "K=2": []}
     sink_cores: dict[str, list[float]] = {name: [] for name in rates}
     making: dict[str, list[float]] = {"K=1": [], "K=2": []}
-    try:
+    with ray_session(cpus_wanted=4, dashboard=False, actor_logs=False):  # or the Ray this process has
         group = placement_group([{"CPU": 3}], strategy="PACK")  # the sink and up to 2 loaders, one node
         ray.get(group.ready())
         sink = Sink.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0)).remote()
@@ -168,9 +166,6 @@ def main(argv=None) -> int:
             print(f"round {round_ + 1}: " + " | ".join(f"{n} {r[-1]:.1f} img/s" for n, r in rates.items()), flush=True)
         ray.kill(sink)
         remove_placement_group(group)
-    finally:
-        ray.shutdown()
-        restore_env()
     median = {name: statistics.median(values) for name, values in rates.items()}
     k2_k1, k2_old = median["K=2"] / median["K=1"], median["K=2"] / median["old"]
     print(f"{args.shards} shards, batch {args.batch_size}, {args.epochs} epoch(s) of {args.images} images, "

@@ -46,8 +46,8 @@ if __package__ in (None, ""):  # run as a script: make the project's packages im
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from cluster.launch import localnet  # noqa: E402
 from cluster.launch.actor_mesh import ActorMesh  # noqa: E402
+from cluster.launch.session import ray_session  # noqa: E402
 from cluster.config import TrainConfig  # noqa: E402
 from cluster.plan.schedule import expected_bubble, ideal_bubble  # noqa: E402
 from cluster.telemetry.timeline import step_summary, write_trace  # noqa: E402
@@ -161,33 +161,26 @@ def main(argv=None) -> int:
     print(f"split (balanced by layer times at {rows} images/microbatch unless given):\n"
           f"{split_table(config.split, layer_costs(config.model_config))}")
     images, labels = make_batch(config)
-    restore_env = localnet.apply_loopback_env()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address=localnet.LOOPBACK, log_to_driver=False)
     results = {"config": {"batch_size": args.batch_size, "image_size": args.image_size, "split": split_text,
                           "stages": STAGES, "towers": 1, "threads_per_actor": 1, "reference_threads": 2},
                "rows": []}
-    try:
-        workers = ActorMesh(config)
+    with ray_session(cpus_wanted=2, dashboard=False, actor_logs=False):  # or the Ray this process has
+        workers = ActorMesh.take(config)  # a kept mesh of the same processes, configured afresh
         reference = Reference(config, threads=2)
-        try:
-            for m in args.microbatches:
-                reference.step(images, labels)  # warm-up
-                ref_s = statistics.median(reference.step(images, labels) for _ in range(args.steps))
-                for schedule in args.schedules:
-                    trace = os.path.join(args.trace_dir, f"{schedule}-M{m}.json") if args.trace_dir else ""
-                    row = run_pipeline(workers, images, labels, schedule, m, args.warmup, args.steps, trace)
-                    row.update(schedule=schedule, microbatches=m, theory=ideal_bubble(STAGES, m),
-                               reference_step_s=ref_s,
-                               pipeline_images_s=args.batch_size / row["step_s"],
-                               reference_images_s=args.batch_size / ref_s)
-                    row["ratio"] = row["pipeline_images_s"] / row["reference_images_s"]
-                    results["rows"].append(row)
-                    print(f"  done: {schedule} M={m}", flush=True)
-        finally:
-            workers.shutdown()
-    finally:
-        ray.shutdown()
-        restore_env()
+        for m in args.microbatches:
+            reference.step(images, labels)  # warm-up
+            ref_s = statistics.median(reference.step(images, labels) for _ in range(args.steps))
+            for schedule in args.schedules:
+                trace = os.path.join(args.trace_dir, f"{schedule}-M{m}.json") if args.trace_dir else ""
+                row = run_pipeline(workers, images, labels, schedule, m, args.warmup, args.steps, trace)
+                row.update(schedule=schedule, microbatches=m, theory=ideal_bubble(STAGES, m),
+                           reference_step_s=ref_s,
+                           pipeline_images_s=args.batch_size / row["step_s"],
+                           reference_images_s=args.batch_size / ref_s)
+                row["ratio"] = row["pipeline_images_s"] / row["reference_images_s"]
+                results["rows"].append(row)
+                print(f"  done: {schedule} M={m}", flush=True)
+        workers.keep()
     print_report(results)
     if args.json:
         with open(args.json, "w") as f:

@@ -24,12 +24,11 @@ import time
 if __package__ in (None, ""):  # run as a script: make the project's packages importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ray  # noqa: E402
 import torch  # noqa: E402
 
 from cluster.config import TrainConfig  # noqa: E402
-from cluster.launch import localnet  # noqa: E402
 from cluster.launch.actor_mesh import ActorMesh  # noqa: E402
+from cluster.launch.session import ray_session  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -42,18 +41,16 @@ def measure(precision: str, args) -> dict:
     images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
                            generator=g)
     labels = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
-    workers = ActorMesh(config)
-    try:
-        images_ref, labels_ref = workers.put(images), workers.put(labels)
-        walls, reports = [], []
-        for step in range(args.warmup + args.steps):
-            started = time.perf_counter()
-            result = workers.train_step(images_ref, labels_ref, 0.001)
-            if step >= args.warmup:
-                walls.append(time.perf_counter() - started)
-                reports.append(result)
-    finally:
-        workers.shutdown()
+    workers = ActorMesh.take(config)  # the precisions' meshes are the same processes, configured afresh
+    images_ref, labels_ref = workers.put(images), workers.put(labels)
+    walls, reports = [], []
+    for step in range(args.warmup + args.steps):
+        started = time.perf_counter()
+        result = workers.train_step(images_ref, labels_ref, 0.001)
+        if step >= args.warmup:
+            walls.append(time.perf_counter() - started)
+            reports.append(result)
+    workers.keep()
     step_s = statistics.median(walls)
     exchange_bytes = statistics.median(sum(r.exchange_bytes for r in step) for step in reports)
     share = statistics.median(max(r.exchange_s / r.seconds for r in step) for step in reports)
@@ -74,13 +71,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.image_size, args.num_classes, args.steps, args.warmup = 8, 63, 10, 1, 0
-    restore_env = localnet.apply_loopback_env()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address=localnet.LOOPBACK, log_to_driver=False)
-    try:
+    with ray_session(cpus_wanted=2, dashboard=False, actor_logs=False):  # or the Ray this process has
         rows = [measure(precision, args) for precision in PRECISIONS]
-    finally:
-        ray.shutdown()
-        restore_env()
     base = rows[0]
     print(f"two towers on 2 actors × 1 thread, batch {args.batch_size} at {args.image_size}², "
           f"median of {args.steps} step(s)")

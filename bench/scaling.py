@@ -55,10 +55,8 @@ FOCUS = (32, 4)  # 8 GPUs/node × 4 nodes
 # --- (a) the measurement
 
 def measure(args) -> dict:
-    import ray
-
-    from cluster.launch import localnet
     from cluster.launch.actor_mesh import ActorMesh
+    from cluster.launch.session import ray_session
     from cluster.config import TrainConfig
 
     b = args.batch_size
@@ -78,11 +76,8 @@ def measure(args) -> dict:
     print(f"measuring per-layer times at {b} images, 1 thread (for the model's check) ...", flush=True)
     times = layer_times(base.model_config, b, threads=1, repeats=1)
 
-    restore_env = localnet.apply_loopback_env()
-    ray.init(num_cpus=2 * len(configs), include_dashboard=False, _node_ip_address=localnet.LOOPBACK,
-             log_to_driver=False)
     rows = {name: {"step_s": [], "exposed_s": [], "bytes": 0, "compute_s": []} for name in configs}
-    try:
+    with ray_session(cpus_wanted=2 * len(configs), dashboard=False, actor_logs=False):  # or the Ray this process has
         meshes = {}
         try:
             for name, config in configs.items():
@@ -107,9 +102,6 @@ def measure(args) -> dict:
         finally:
             for workers in meshes.values():
                 workers.shutdown()
-    finally:
-        ray.shutdown()
-        restore_env()
 
     result = {"config": {"batch_per_replica": b, "global_batch": 2 * b, "image_size": args.image_size,
                          "num_classes": args.num_classes, "steps": args.steps, "warmup": args.warmup},

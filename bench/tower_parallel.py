@@ -51,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from cluster.launch import localnet  # noqa: E402
 from cluster.launch.actor_mesh import ActorMesh  # noqa: E402
+from cluster.launch.session import ray_session  # noqa: E402
 from cluster.config import TrainConfig  # noqa: E402
 from data.transforms import normalize_batch  # noqa: E402
 from stages.loss import cross_entropy_reference  # noqa: E402
@@ -320,13 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     flops = count_flops(train_config(args, LAYOUTS[0]))
     load_before = os.getloadavg()[0]
-    restore_env = localnet.apply_loopback_env()  # every listener on 127.0.0.1, as the driver does
-    try:
-        ray.init(num_cpus=CORES, **localnet.local_ray_init_kwargs(include_dashboard=False))
+    with ray_session(cpus_wanted=CORES, dashboard=False):  # or the Ray this process has; on 127.0.0.1
         results = [benchmark_allocator(args, allocator, jemalloc, flops) for allocator in wanted]
-    finally:
-        ray.shutdown()
-        restore_env()
     load = (load_before, os.getloadavg()[0])  # a busy machine skews the 2-thread runs most
     print_report(args, flops, results, load)
     if args.json:

@@ -43,11 +43,12 @@ def pytest_sessionfinish(session, exitstatus):
     stop_shared_ray()
 
 
-# The slowest modules, slowest first (seconds of `make test` on 2 cores, 2026-12-07: 290 to 108).
-# pytest-xdist hands each worker a module at a time in the order of the collection (`make test`
-# turns off its reordering by test count, which put the fewest-test and slowest modules last), so
-# these start first, then the other modules that start Ray, then the quick Ray-free ones, which
-# fill the end: the two workers finish together. A stale list costs only that balance.
+# The slowest modules (43 to 171 s each of `make test` on 2 cores, 2026-12-07), in an order that
+# ended both workers within 5 s of each other. pytest-xdist hands each worker a module at a time
+# in the order of the collection (`make test` turns off its reordering by test count, which put
+# the fewest-test and slowest modules last), so these start first, then the other modules that
+# start Ray, then the quick Ray-free ones, which fill the end: the two workers finish together.
+# A stale list costs only that balance.
 SLOWEST_FIRST = ("test_faults", "test_multinode", "test_bench", "test_precision", "test_job_submit", "test_resume",
                  "test_loaders", "test_pipeline", "test_infer", "test_replicas", "test_ablations", "test_driver")
 

@@ -34,6 +34,15 @@ def ensure_shared_ray() -> None:
         ray.init(num_cpus=SHARED_CPUS, **localnet.local_ray_init_kwargs(include_dashboard=False))
 
 
+def shared_ray_address() -> str:
+    """The address of the session's Ray (started if not running), for a driver run as a process
+    of its own to join (`--address`)."""
+    import ray
+
+    ensure_shared_ray()
+    return ray.get_runtime_context().gcs_address
+
+
 def stop_shared_ray() -> None:
     global _restore_env
     import ray

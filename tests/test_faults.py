@@ -1,7 +1,12 @@
 """Failures: a tower actor killed with SIGKILL mid-run is detected, the mesh is rebuilt from the
 last checkpoint and the run finishes with bitwise the weights of an uninterrupted run; past
 --max-restarts the run stops with exit status 1 and says why. A hung actor is caught by the
-collective timeout and replaced the same way. A NaN loss goes back to the last checkpoint once."""
+collective timeout and replaced the same way. A NaN loss goes back to the last checkpoint once.
+
+The runs whose actors a test kills as they train are drivers of their own (`python
+cluster/driver.py`, whose output the test reads as it comes) that join the session's Ray
+(`--address`, as a job on a cluster does) instead of starting one each; the others run `main()`
+in this process."""
 
 import os
 import re
@@ -12,50 +17,56 @@ import time
 import pytest
 
 from cluster.ckpt import checkpoint
-import nettools
 from cluster.driver import main
 from cluster import faults
 from cluster.ckpt.storage import TMP_SUFFIX
-from runs import DRIVER, assert_nothing_left, assert_same_tensors, placement_pids, shard_tensors, tiny_run_args
+from raytools import shared_ray_address
+from runs import DRIVER, assert_same_tensors, placement_pids, shard_tensors, tiny_run_args
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
 COMMON = ["--epochs", "2", "--log-every", "1", "--checkpoint-every", "2", "--max-steps", "10"]
 
 
-def actors_of(proc: subprocess.Popen, kind: str = "TowerWorker") -> list[int]:
-    """Pids of the driver's actor processes of class `kind` (TowerWorker, LoaderWorker)."""
-    pids = []
-    for pid in nettools.process_tree(roots=[proc.pid], pgids=[proc.pid]):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(f"ray::{kind}".encode()):
-                    pids.append(pid)
-        except OSError:
-            pass
-    return sorted(pids)
+PLACEMENT_ROW = re.compile(r"^(\d+|L\d+\.\d+) +.* (\d+)$", re.MULTILINE)  # rank or L<replica>.<loader>, pid
 
 
-def run_and_kill_an_actor(args: list[str], cwd, after_line: str, kind: str = "TowerWorker",
+def actors_placed(out: str) -> list[tuple[str, int]]:
+    """(rank or loader, pid) of every actor in every placement table the driver printed in `out`."""
+    return [(row, int(pid)) for table in out.split("placement:\n")[1:]
+            for row, pid in PLACEMENT_ROW.findall(table.split("\nprecision:")[0])]
+
+
+def assert_gone(pids: list[int], grace_s: float = 15.0) -> None:
+    """Every one of `pids` has exited (Ray ends a finished driver's actors a moment after it)."""
+    deadline = time.monotonic() + grace_s
+    while (left := [pid for pid in pids if os.path.exists(f"/proc/{pid}")]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"actors left behind: {left}"
+
+
+def run_and_kill_an_actor(args: list[str], cwd, after_line: str, loader: bool = False,
                           count: int = 2) -> tuple[int, str]:
-    """Run the driver; once `after_line` is printed, SIGKILL one of its `count` actors of class
-    `kind`. (status, output)"""
-    proc = subprocess.Popen(DRIVER + args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """Run the driver on the session's Ray; once `after_line` is printed, SIGKILL the last of its
+    `count` tower actors (or loader actors) in its placement table. Then every actor of the run
+    must be gone. (status, output)"""
+    proc = subprocess.Popen(DRIVER + args + ["--address", shared_ray_address()], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines, killed = [], None
     deadline = time.monotonic() + 300
     for line in proc.stdout:
         lines.append(line)
         if killed is None and line.startswith(after_line):
-            actors = actors_of(proc, kind)
-            assert len(actors) == count, actors
+            actors = [pid for row, pid in actors_placed("".join(lines)) if row.startswith("L") == loader]
+            assert len(actors) == count, "".join(lines)
             killed = actors[-1]
             os.kill(killed, signal.SIGKILL)
         assert time.monotonic() < deadline, "".join(lines[-20:])
     proc.wait(timeout=60)
-    assert killed is not None, "".join(lines)
-    assert_nothing_left(proc.pid)
-    return proc.returncode, "".join(lines)
+    out = "".join(lines)
+    assert killed is not None, out
+    assert_gone([pid for _, pid in actors_placed(out)])
+    return proc.returncode, out
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +93,7 @@ def test_a_killed_actor_is_replaced_and_the_run_ends_as_if_nothing_happened(tiny
 @pytest.mark.timeout(600)
 def test_a_killed_loader_is_replaced_and_the_run_ends_as_if_nothing_happened(tiny_demo, tmp_path, uninterrupted):
     args = tiny_run_args(tiny_demo, tmp_path / "killed", *COMMON, "--loaders-per-replica", "2")
-    status, out = run_and_kill_an_actor(args, tmp_path, after_line="step 5/10", kind="LoaderWorker")
+    status, out = run_and_kill_an_actor(args, tmp_path, after_line="step 5/10", loader=True)
     assert status == 0, out[-3000:]
     assert "restart 1/3: ActorDiedError" in out, out[-3000:]
     assert "done: 10 steps" in out
@@ -118,8 +129,9 @@ def test_an_actor_killed_while_writing_a_checkpoint_leaves_the_previous_one(tiny
     env = {**os.environ, faults.SLOW_WRITE_ENV: f"4:{shard}"}  # that one write pauses half-way
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", *COMMON), cwd=tmp_path, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(DRIVER + tiny_run_args(tiny_demo, tmp_path / "run", *COMMON, "--address",
+                                                       shared_ray_address()),
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while not shard.with_name(shard.name + TMP_SUFFIX).exists():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]

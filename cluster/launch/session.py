@@ -41,11 +41,13 @@ def durable_root() -> str:
 
 
 @contextlib.contextmanager
-def ray_session(address: str = "", cpus_wanted: int = 1):
+def ray_session(address: str = "", cpus_wanted: int = 1, *, dashboard: bool = True, actor_logs: bool = True):
     """Join the cluster at `address` (or $RAY_ADDRESS, or the one this process is connected to
     already, which it then leaves running), else start a local one bound to 127.0.0.1 with at
-    least `cpus_wanted` CPUs. Yields the environment variables actors need beyond their node's:
-    none (a local Ray's processes inherit the loopback settings from this one's environment)."""
+    least `cpus_wanted` CPUs, its dashboard unless `dashboard` is false and the actors' output
+    copied here unless `actor_logs` is (the benchmarks keep theirs clean). Yields the environment
+    variables actors need beyond their node's: none (a local Ray's processes inherit the loopback
+    settings from this one's environment)."""
     if ray.is_initialized():
         yield {}
         return
@@ -55,7 +57,8 @@ def ray_session(address: str = "", cpus_wanted: int = 1):
         env = {}
     else:
         restore_env = localnet.apply_loopback_env()  # every listener on 127.0.0.1
-        ray.init(num_cpus=max(cpus_wanted, os.cpu_count() or 1), **localnet.local_ray_init_kwargs())
+        ray.init(num_cpus=max(cpus_wanted, os.cpu_count() or 1), log_to_driver=actor_logs,
+                 **localnet.local_ray_init_kwargs(include_dashboard=dashboard))
         env = {}  # the raylet, and so every worker, started with loopback_env() in its environment
     try:
         yield env

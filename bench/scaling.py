@@ -77,7 +77,7 @@ def measure(args) -> dict:
     times = layer_times(base.model_config, b, threads=1, repeats=1)
 
     rows = {name: {"step_s": [], "exposed_s": [], "bytes": 0, "compute_s": []} for name in configs}
-    with ray_session(cpus_wanted=2 * len(configs), dashboard=False, actor_logs=False):  # or the Ray this process has
+    with ray_session(cpus_wanted=2 * len(configs), dashboard=False, actor_logs=False):  # or this process's Ray
         meshes = {}
         try:
             for name, config in configs.items():

@@ -34,8 +34,7 @@ def run_bench(name: str, tmp_path, *args: str, timeout: int = 300) -> tuple[str,
 def bench_here(tmp_path, monkeypatch, capsys, shared_ray):
     """`bench_here(NAME, *args)`: bench/NAME.py's `main(["--quick", ...])` in this process, in
     `tmp_path`, with bench/ first on the import path as for the script, on the session's Ray:
-    (what it printed, its JSON). Torch's thread count, which a
-    bench may set, is put back."""
+    (what it printed, its JSON). Torch's thread count, which a bench may set, is put back."""
 
     def run(name: str, *args: str) -> tuple[str, dict]:
         monkeypatch.chdir(tmp_path)

@@ -1,6 +1,7 @@
 """What many tests share: a seconds-long driver run's arguments, the driver as a command, its
 checkpoints' tensors and progress losses, and the check that a run left no process behind."""
 
+import os
 import re
 import sys
 import time
@@ -57,18 +58,37 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert torch.equal(a[name], b[name]), name
 
 
-def placement_pids(out: str) -> list[list[str]]:
-    """The tower actors' pids of each placement table the driver printed in `out` (one a mesh)."""
-    return [re.findall(r"^\d+ .* (\d+)$", table.split("\nprecision:")[0], re.MULTILINE)
+PLACEMENT_ROW = re.compile(r"^(\d+|L\d+\.\d+) +.* (\d+)$", re.MULTILINE)  # rank or L<replica>.<loader>, pid
+
+
+def placement_tables(out: str) -> list[list[tuple[str, int]]]:
+    """Each placement table the driver printed in `out` (one a mesh): (rank, or L<replica>.<loader>
+    for a loader, pid) of each of its actors."""
+    return [[(row, int(pid)) for row, pid in PLACEMENT_ROW.findall(table.split("\nprecision:")[0])]
             for table in out.split("placement:\n")[1:]]
+
+
+def placement_pids(out: str) -> list[list[int]]:
+    """The tower actors' pids of each placement table the driver printed in `out`."""
+    return [[pid for row, pid in table if not row.startswith("L")] for table in placement_tables(out)]
+
+
+def _until_none_left(left, grace_s: float, what: str) -> None:
+    """Poll `left()` until it is empty, for up to `grace_s`; else fail naming what was left."""
+    deadline = time.monotonic() + grace_s
+    while (found := left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not found, f"{what} left behind: {sorted(found)}"
 
 
 def assert_nothing_left(pgid: int, grace_s: float = 15.0) -> None:
     """Every process of the driver's session has exited (Ray's own take a moment after the driver)."""
-    deadline = time.monotonic() + grace_s
-    while (left := nettools.process_tree(pgids=[pgid])) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"processes left behind: {sorted(left)}"
+    _until_none_left(lambda: nettools.process_tree(pgids=[pgid]), grace_s, "processes")
+
+
+def assert_gone(pids: list[int], grace_s: float = 15.0) -> None:
+    """Every one of `pids` has exited (Ray ends a finished driver's actors a moment after it)."""
+    _until_none_left(lambda: [pid for pid in pids if os.path.exists(f"/proc/{pid}")], grace_s, "actors")
 
 
 STEP = StepPlan("train", microbatches=1, rows=4, lr=0.01)  # one whole-batch step of 4 images

@@ -21,28 +21,12 @@ from cluster.driver import main
 from cluster import faults
 from cluster.ckpt.storage import TMP_SUFFIX
 from raytools import shared_ray_address
-from runs import DRIVER, assert_same_tensors, placement_pids, shard_tensors, tiny_run_args
+from runs import (DRIVER, assert_gone, assert_same_tensors, placement_pids, placement_tables, shard_tensors,
+                  tiny_run_args)
 
 pytestmark = pytest.mark.ray  # starts Ray or its actors (`make test-fast` leaves these out)
 
 COMMON = ["--epochs", "2", "--log-every", "1", "--checkpoint-every", "2", "--max-steps", "10"]
-
-
-PLACEMENT_ROW = re.compile(r"^(\d+|L\d+\.\d+) +.* (\d+)$", re.MULTILINE)  # rank or L<replica>.<loader>, pid
-
-
-def actors_placed(out: str) -> list[tuple[str, int]]:
-    """(rank or loader, pid) of every actor in every placement table the driver printed in `out`."""
-    return [(row, int(pid)) for table in out.split("placement:\n")[1:]
-            for row, pid in PLACEMENT_ROW.findall(table.split("\nprecision:")[0])]
-
-
-def assert_gone(pids: list[int], grace_s: float = 15.0) -> None:
-    """Every one of `pids` has exited (Ray ends a finished driver's actors a moment after it)."""
-    deadline = time.monotonic() + grace_s
-    while (left := [pid for pid in pids if os.path.exists(f"/proc/{pid}")]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not left, f"actors left behind: {left}"
 
 
 def run_and_kill_an_actor(args: list[str], cwd, after_line: str, loader: bool = False,
@@ -57,7 +41,7 @@ def run_and_kill_an_actor(args: list[str], cwd, after_line: str, loader: bool = 
     for line in proc.stdout:
         lines.append(line)
         if killed is None and line.startswith(after_line):
-            actors = [pid for row, pid in actors_placed("".join(lines)) if row.startswith("L") == loader]
+            actors = [pid for row, pid in placement_tables("".join(lines))[0] if row.startswith("L") == loader]
             assert len(actors) == count, "".join(lines)
             killed = actors[-1]
             os.kill(killed, signal.SIGKILL)
@@ -65,7 +49,7 @@ def run_and_kill_an_actor(args: list[str], cwd, after_line: str, loader: bool = 
     proc.wait(timeout=60)
     out = "".join(lines)
     assert killed is not None, out
-    assert_gone([pid for _, pid in actors_placed(out)])
+    assert_gone([pid for table in placement_tables(out) for _, pid in table])
     return proc.returncode, out
 
 
@@ -136,8 +120,7 @@ def test_an_actor_killed_while_writing_a_checkpoint_leaves_the_previous_one(tiny
     while not shard.with_name(shard.name + TMP_SUFFIX).exists():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.05)
-    rank1 = re.search(r"^1 +0 +0 +1 +\S+ +\S+ +\S+ +\S+ +(\d+)$", log.read_text(), re.MULTILINE)  # the placement table
-    os.kill(int(rank1.group(1)), signal.SIGKILL)
+    os.kill(dict(placement_tables(log.read_text())[0])["1"], signal.SIGKILL)  # rank 1
     assert not (shard.parent / checkpoint.MANIFEST).exists()
     proc.wait(timeout=300)
     text = log.read_text()

@@ -16,7 +16,10 @@ before the next, as a training step does; the loaders work `--prefetch` batches 
     K=1/K=2  LoaderPool with K loaders of 1 thread in the replica's placement group.
 
 img/s = images of `--epochs` epochs / wall time, median over `--rounds` rounds. Targets (issue):
-K=2 >= 1.8 × K=1 and >= 1.0 × old. Run from the repository root, alone on the machine:
+K=2 >= 1.8 × K=1 and >= 1.0 × old. The sink stages its batch as a CPU tower actor does
+(cluster/rank/staging.py), into a float buffer it keeps; the run also times that staging in this
+process against staging into a new tensor each batch, as the tower actors did before. Run from
+the repository root, alone on the machine:
 
     .venv/bin/python bench/input.py [--images 512] [--batch-size 64] [--epochs 2] [--rounds 3]
         [--shards full|256] [--json PATH]
@@ -43,9 +46,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # n
 
 from cluster.launch.loaders import LoaderPool  # noqa: E402
 from cluster.launch.session import ray_session  # noqa: E402
-from cluster.rank.staging import from_object_store  # noqa: E402
+from cluster.rank.staging import HostInputs, StagedBatch, from_object_store  # noqa: E402
 from data.loader import ShardBatches  # noqa: E402
-from data.transforms import normalize_batch  # noqa: E402
 from data_pipeline import FULL, RESIZED, corpus_params, default_corpus_dir, ensure_corpus  # noqa: E402
 
 CROP, RESIZE = 224, 256
@@ -54,15 +56,20 @@ TARGET_K2_VS_K1, TARGET_K2_VS_OLD = 1.8, 1.0
 
 @ray.remote(num_cpus=1)
 class Sink:
-    """A tower actor's data side: its input normalised into a float batch, and nothing else."""
+    """A tower actor's data side and nothing else: its input staged as the tower actor stages it
+    on a CPU (cluster/rank/staging.py, one microbatch), normalised into a float buffer kept
+    from step to step."""
 
     def __init__(self):
         torch.set_num_threads(1)
         self.seconds = 0.0
+        self.host = HostInputs()
 
     def consume(self, images, labels, lighting) -> int:
         started = time.thread_time()
-        normalize_batch(from_object_store(images), lighting=from_object_store(lighting))  # the loaders': numpy
+        images, lighting = from_object_store(images), from_object_store(lighting)  # the loaders': numpy
+        StagedBatch(images, lighting, images.shape[0], torch.device("cpu"), torch.contiguous_format,
+                    host=self.host).get(0)
         self.seconds += time.thread_time() - started
         return int(labels.shape[0])
 
@@ -70,6 +77,21 @@ class Sink:
         """CPU seconds spent normalising since the last call: the sink's share of the cores."""
         seconds, self.seconds = self.seconds, 0.0
         return seconds
+
+
+def staging_cost(batch_size: int, repeats: int = 9) -> dict[str, float]:
+    """Seconds per image to stage a batch on a CPU as the tower actor does, into the float
+    buffers it keeps from step to step and, as before them, into new tensors: the median of
+    `repeats`, the two alternating, in this process."""
+    images = torch.randint(0, 256, (batch_size, 3, CROP, CROP), dtype=torch.uint8)
+    lighting, host = torch.zeros(batch_size, 3), HostInputs()
+    seconds: dict[str, list[float]] = {"kept": [], "new": []}
+    for _ in range(repeats):
+        for name, buffers in (("kept", host), ("new", None)):
+            started = time.perf_counter()
+            StagedBatch(images, lighting, batch_size, torch.device("cpu"), torch.contiguous_format, host=buffers).get(0)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) / batch_size for name, values in seconds.items()}
 
 
 def reader(folder: str, batch_size: int, threads: int) -> ShardBatches:
@@ -149,6 +171,7 @@ def main(argv=None) -> int:
     rates: dict[str, list[float]] = {"old": [], "K=1": [], "K=2": []}
     sink_cores: dict[str, list[float]] = {name: [] for name in rates}
     making: dict[str, list[float]] = {"K=1": [], "K=2": []}
+    staging = staging_cost(args.batch_size)
     with ray_session(cpus_wanted=4, dashboard=False, actor_logs=False):  # or the Ray this process has
         group = placement_group([{"CPU": 3}], strategy="PACK")  # the sink and up to 2 loaders, one node
         ray.get(group.ready())
@@ -178,6 +201,9 @@ def main(argv=None) -> int:
         per_image = statistics.median(values)
         print(f"  {name}: a loader makes an image in {1000 * per_image:.2f} ms of its own time "
               f"({1 / per_image:.0f} img/s per loader; the rest of the path is Ray's transfer and scheduling)")
+    print(f"staging a batch of {args.batch_size} on a CPU (cluster/rank/staging.py): into kept buffers "
+          f"{1000 * staging['kept']:.3f} ms per image, into new tensors {1000 * staging['new']:.3f} ms: "
+          f"{staging['new'] / staging['kept']:.1f}x")
     print(f"cores left to decode beside the sink at K=2: {os.cpu_count() - sink_median['K=2']:.2f} of "
           f"{os.cpu_count()}")
     print(f"K=2 / K=1: {k2_k1:.2f} (target >= {TARGET_K2_VS_K1})  {'met' if k2_k1 >= TARGET_K2_VS_K1 else 'MISSED'}")
@@ -185,6 +211,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rates": rates, "median": median, "sink_cores": sink_cores, "loader_s_per_image": making,
+                       "staging_s_per_image": staging,
                        "k2_over_k1": k2_k1, "k2_over_old": k2_old}, f, indent=1)
     return 0
 

@@ -40,7 +40,7 @@ from cluster.rank.pipeline import Link, StageLinks, StageRun, StepPlan
 from cluster.rank.precision import DTYPES, LossScaler, Precision, resolve
 from cluster.rank.procstats import process_stats
 from cluster.rank.report import EvalScores, ProbeReport, StepReport
-from cluster.rank.staging import PinnedBuffer, StagedBatch, from_object_store
+from cluster.rank.staging import HostInputs, PinnedBuffer, StagedBatch, from_object_store
 from stages.loss import (local_exchange, sharded_cross_entropy, sharded_target_value, sharded_topk_correct,
                          sharded_view_average, tower_loss)
 from stages.optim import PaperSGD, param_groups, set_rates
@@ -93,6 +93,7 @@ class TowerWorker:
         self.precision = Precision(resolve(config.precision, self.device.type), self.device)
         self.scaler = LossScaler(config.loss_scale, config.loss_scale_window) if self.precision.name == "fp16" else None
         self.pinned = PinnedBuffer()
+        self.host_inputs = HostInputs()
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.layers = config.split[self.coord.stage]
         self.first_stage = self.coord.stage == 0
@@ -223,7 +224,8 @@ class TowerWorker:
     def _images(self, images: Tensor, lighting: Tensor | None, rows: int):
         """Stage 0's input of microbatch i: uint8 images, mean-subtracted with each image's PCA
         colour offset, as float32 on the device (cluster/rank/staging.py)."""
-        return StagedBatch(images, lighting, rows, self.device, self.memory_format, self.pinned).get
+        return StagedBatch(images, lighting, rows, self.device, self.memory_format, self.pinned,
+                           self.host_inputs).get
 
     def _check_labels(self, labels: Tensor) -> None:
         classes = self.config.num_classes

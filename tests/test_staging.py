@@ -42,6 +42,21 @@ def test_kept_buffers_hold_what_new_tensors_would_and_are_reused_each_step(memor
     assert host.nbytes > kept and torch.equal(larger[1], staged(*batch(3, rows=8), 4, memory_format)[1])
 
 
+def test_an_evaluation_keeps_one_buffer_for_all_its_microbatches():
+    """Without autograd a microbatch's input is dead once its forward returns: stage 0 takes the
+    next only then, so a 10-view evaluation batch does not keep ten batches of floats."""
+    host, images = HostInputs(), batch(4, rows=8)[0]
+    expected = staged(images, None, 2, torch.contiguous_format)
+    with torch.no_grad():
+        get = StagedBatch(images, None, 2, CPU, torch.contiguous_format, host=host).get
+        addresses = set()
+        for i, want in enumerate(expected):  # consumed in turn, as an evaluation's forward does
+            x = get(i)
+            assert torch.equal(x, want), i
+            addresses.add(x.data_ptr())
+    assert len(addresses) == 1 and host.nbytes == expected[0].numel() * 4
+
+
 def test_a_step_on_kept_buffers_has_the_gradients_of_one_on_new_tensors():
     """Microbatch i's input is saved by the first layer for its weight gradient; the step's
     backward runs before the next step overwrites the buffer, so every step's gradient is that

@@ -114,18 +114,22 @@ class HostInputs:
 
     Safe because nothing outlives its step: microbatch i's input is saved by the first layer for
     its weight gradient, and the step's backward is done before the next step asks for
-    microbatch i again. A step's microbatches have buffers of their own, as a pipeline schedule
-    has several in flight. An evaluation's batches use the same buffers (no graph is kept)."""
+    microbatch i again. A training step's microbatches have buffers of their own, as a pipeline
+    schedule has several in flight. Without autograd (an evaluation) nothing keeps an input once
+    its microbatch's forward has returned, and stage 0 asks for the next one only then, so they
+    all share one buffer: a 10-view evaluation batch is ten times a training batch."""
 
     def __init__(self):
         self._buffers: dict[tuple[int, torch.memory_format], Tensor] = {}
 
     def take(self, i: int, shape: torch.Size, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
-        """Microbatch i's buffer as a float32 tensor of `shape` (N, C, H, W) in `memory_format`."""
+        """Microbatch i's buffer as a float32 tensor of `shape` (N, C, H, W) in `memory_format`
+        (with autograd off, the one buffer of every microbatch)."""
         n = math.prod(shape)
-        buffer = self._buffers.get((i, memory_format))
+        key = (i if torch.is_grad_enabled() else 0, memory_format)
+        buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < n:
-            buffer = self._buffers[(i, memory_format)] = torch.empty(n, dtype=torch.float32)
+            buffer = self._buffers[key] = torch.empty(n, dtype=torch.float32)
         if memory_format == torch.channels_last:
             batch, channels, height, width = shape
             return buffer[:n].view(batch, height, width, channels).permute(0, 3, 1, 2)

@@ -35,7 +35,7 @@ def test_kept_buffers_hold_what_new_tensors_would_and_are_reused_each_step(memor
     for got, new in zip(second, staged(*batch(1), 2, memory_format)):
         assert torch.equal(got, new)
     kept = host.nbytes
-    smaller = staged(*batch(2, rows=2), 2, memory_format, host)  # an evaluation's shorter batch: a view
+    smaller = staged(*batch(2, rows=2), 2, memory_format, host)  # a shorter batch: a view
     assert smaller[0].data_ptr() == addresses[0] and host.nbytes == kept
     assert torch.equal(smaller[0], staged(*batch(2, rows=2), 2, memory_format)[0])
     larger = staged(*batch(3, rows=8), 4, memory_format, host)  # more rows: the buffer grows

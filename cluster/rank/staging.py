@@ -12,7 +12,7 @@ On a CPU the microbatch is normalised into a contiguous float buffer and convert
 configured memory format afterwards: normalising straight into a channels_last buffer was about 5×
 slower (docs/BENCHMARKS.md). Those float buffers are kept from step to step (`HostInputs`): a
 fresh one costs the kernel a page fault and a zeroed page for every 4 kB of it on its first write,
-which on this project's VM took 14× as long as the normalisation itself.
+which on this project's VM took over ten times as long as the normalisation itself.
 """
 
 import math
@@ -89,7 +89,6 @@ class StagedBatch:
         if shift is not None:
             shift = shift.to(self.device, non_blocking=True)
         return normalize_batch(on_device, memory_format=self.memory_format, lighting=shift)
-
 
     def _on_cpu(self, i: int) -> Tensor:
         chunk = self.chunks[i]

@@ -54,6 +54,13 @@ CROP, RESIZE = 224, 256
 TARGET_K2_VS_K1, TARGET_K2_VS_OLD = 1.8, 1.0
 
 
+def stage(images: torch.Tensor, lighting: torch.Tensor | None, host: HostInputs | None) -> torch.Tensor:
+    """The batch as one microbatch of a CPU tower actor's input (cluster/rank/staging.py), normalised
+    into `host`'s kept buffer (None: a new tensor)."""
+    return StagedBatch(images, lighting, images.shape[0], torch.device("cpu"), torch.contiguous_format,
+                       host=host).get(0)
+
+
 @ray.remote(num_cpus=1)
 class Sink:
     """A tower actor's data side and nothing else: its input staged as the tower actor stages it
@@ -68,8 +75,7 @@ class Sink:
     def consume(self, images, labels, lighting) -> int:
         started = time.thread_time()
         images, lighting = from_object_store(images), from_object_store(lighting)  # the loaders': numpy
-        StagedBatch(images, lighting, images.shape[0], torch.device("cpu"), torch.contiguous_format,
-                    host=self.host).get(0)
+        stage(images, lighting, self.host)
         self.seconds += time.thread_time() - started
         return int(labels.shape[0])
 
@@ -89,7 +95,7 @@ def staging_cost(batch_size: int, repeats: int = 9) -> dict[str, float]:
     for _ in range(repeats):
         for name, buffers in (("kept", host), ("new", None)):
             started = time.perf_counter()
-            StagedBatch(images, lighting, batch_size, torch.device("cpu"), torch.contiguous_format, host=buffers).get(0)
+            stage(images, lighting, buffers)
             seconds[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) / batch_size for name, values in seconds.items()}
 
